@@ -1,0 +1,26 @@
+"""keepmix: continued pre-training on a scheduled, curated data mixture.
+
+Python API: `train(config_or_path)`, `evaluate(config_or_path, models=[...])`, `load_config(path)`.
+"""
+
+__version__ = "0.1.0"
+
+from keepmix.config import RunConfig, load_config  # noqa: E402
+from keepmix.errors import ConfigError, KeepmixError  # noqa: E402
+
+
+def train(config, *, resume: bool = False, progress: str = "auto", overrides: dict | None = None):
+    """Train (or resume) the run a `RunConfig` or YAML path describes; returns a `TrainResult`."""
+    from keepmix.train.loop import train as _train
+
+    return _train(config, resume=resume, progress=progress, overrides=overrides)
+
+
+def evaluate(config, models=("base",), overrides: dict | None = None):
+    """The config's held-out and task metrics for each model (folder, hub id, or 'base')."""
+    from keepmix.eval.runner import evaluate as _evaluate
+
+    return _evaluate(config, models=list(models), overrides=overrides)
+
+
+__all__ = ["train", "evaluate", "load_config", "RunConfig", "ConfigError", "KeepmixError"]

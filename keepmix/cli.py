@@ -1,0 +1,150 @@
+"""The `keepmix` command: parse, load the config, call the Python API. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from keepmix.errors import KeepmixError
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise KeepmixError(f"--set {pair!r}: expected key=value, e.g. --set train.steps=20")
+        key, value = pair.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _progress(args) -> str:
+    return "quiet" if getattr(args, "quiet", False) else "auto"
+
+
+def cmd_train(args) -> None:
+    from keepmix.train.loop import train
+
+    result = train(args.config, resume=args.resume, progress=_progress(args), overrides=_overrides(args.set),
+                   stop_at=args.stop_at)
+    print(f"run directory: {result.run_dir}\nfinal model:   {result.final_dir or '(stopped early: resume with --resume)'}")
+    if not args.no_report:
+        _report([result.run_dir])
+
+
+def _report(run_dirs: list[Path]) -> None:
+    from keepmix.report.html import render_report
+
+    for run_dir in run_dirs:
+        _diagnose_quietly(run_dir)
+    path = render_report([Path(r) for r in run_dirs])
+    print(f"report:        {path}")
+
+
+def _diagnose_quietly(run_dir: Path) -> None:
+    from keepmix.diagnostics.memorization import diagnose
+
+    if (Path(run_dir) / "exposures").exists():
+        diagnose(Path(run_dir))
+
+
+def cmd_eval(args) -> None:
+    from keepmix.eval.runner import evaluate, print_comparison
+
+    results = evaluate(args.config, models=args.model or ["base"], overrides=_overrides(args.set))
+    print_comparison(results)
+    if args.out:
+        import json
+
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        print(f"written: {args.out}")
+
+
+def cmd_report(args) -> None:
+    _report(args.run_dirs)
+
+
+def cmd_diagnose(args) -> None:
+    from keepmix.diagnostics.memorization import diagnose, format_diagnostics
+
+    print(format_diagnostics(diagnose(Path(args.run_dir))))
+
+
+def cmd_demo(args) -> None:
+    from keepmix.demo.run import run_demo
+
+    run_demo(out=Path(args.out), model=args.model, steps=args.steps, quick=args.quick, device=args.device,
+             progress=_progress(args))
+
+
+def cmd_experiment(args) -> None:
+    from keepmix.experiments.memorization import run_memorization_experiment
+
+    run_memorization_experiment(out=Path(args.out), quick=args.quick, progress=_progress(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="keepmix", description="Continued pre-training on a curated data mixture.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) a run from a YAML config")
+    t.add_argument("config", help="run YAML file")
+    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    t.add_argument("--stop-at", type=int, metavar="STEP", help="stop after this step with a checkpoint")
+    t.add_argument("--quiet", action="store_true", help="plain log lines only (also when not a terminal)")
+    t.add_argument("--no-report", action="store_true", help="skip plots and report.html at the end")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="run a config's evals on one or more models, side by side")
+    e.add_argument("config", help="run YAML file (its sources' held-out docs and eval.tasks)")
+    e.add_argument("--model", action="append", help="model folder or hub id; 'base' = the config's model")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    e.add_argument("--out", help="also write the results as JSON here")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="render plots and report.html (two or more runs: overlaid)")
+    r.add_argument("run_dirs", nargs="+", type=Path)
+    r.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("diagnose", help="memorization diagnostics of a run (loss by view, clunks)")
+    d.add_argument("run_dir", type=Path)
+    d.set_defaults(func=cmd_diagnose)
+
+    m = sub.add_parser("demo", help="offline CPU demo: fine-tune-only vs keepmix on a real pretrained model")
+    m.add_argument("--out", default="demo_runs", help="where the demo writes its data and runs")
+    m.add_argument("--model", default=None, help="causal LM id or folder (default: SmolLM2-135M-Instruct GGUF)")
+    m.add_argument("--steps", type=int, default=None, help="optimizer steps per arm")
+    m.add_argument("--quick", action="store_true", help="a first look in about 3 minutes")
+    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    m.add_argument("--quiet", action="store_true")
+    m.set_defaults(func=cmd_demo)
+
+    x = sub.add_parser("experiment", help="ready-made experiments")
+    xs = x.add_subparsers(dest="experiment", required=True)
+    mem = xs.add_parser("memorization", help="reproduce the epoch-boundary 'clunk' at two learning rates")
+    mem.add_argument("--out", default="experiment_runs/memorization")
+    mem.add_argument("--quick", action="store_true")
+    mem.add_argument("--quiet", action="store_true")
+    mem.set_defaults(func=cmd_experiment)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeepmixError as err:
+        print(f"keepmix: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("keepmix: stopped; resume with --resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

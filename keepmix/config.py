@@ -1,0 +1,406 @@
+"""The run configuration: one YAML file, typed and validated.
+
+Contract: `load_config(path)` returns a `RunConfig` or raises one `ConfigError` that lists every problem
+at once, each with its key path (`mixture.schedule[1].weights.sqll: no source named 'sqll' ...`).
+Relative paths in the file resolve against the file's folder. `dump_config` writes the resolved config
+that every run directory keeps.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from keepmix.errors import ConfigError
+from keepmix.eval.tasks import TaskConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' (every linear but the head)."
+    )
+    merge: bool = Field(False, description="Merge the adapter into the weights when writing final/.")
+
+
+class ModelConfig(_Strict):
+    name: str | None = Field(
+        None, description="Hugging Face hub id or local folder of the model (weights and tokenizer)."
+    )
+    gguf_file: str | None = Field(None, description="GGUF file inside `name` (or a path) to load.")
+    tokenizer: str | None = Field(None, description="Tokenizer id/folder when it differs from `name`.")
+    init: Literal["pretrained", "scratch"] = Field(
+        "pretrained", description="'scratch' builds a randomly initialised model from `architecture`."
+    )
+    architecture: dict[str, Any] | None = Field(
+        None,
+        description="For init: scratch, the transformers config (model_type plus its fields), "
+        "e.g. {model_type: llama, hidden_size: 64, num_hidden_layers: 2, ...}.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype: 'auto' = float32 on CPU, bfloat16 weights never on CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Allow code from the model repository to run.")
+    attn_implementation: str | None = Field(
+        None, description="'sdpa', 'eager', 'flash_attention_2'; None lets transformers choose."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of all weights.")
+
+    @model_validator(mode="after")
+    def _needs_a_model(self) -> ModelConfig:
+        if self.init == "pretrained" and not self.name:
+            raise ValueError("model.name is required unless init is 'scratch'")
+        if self.init == "scratch":
+            if not self.architecture or "model_type" not in self.architecture:
+                raise ValueError("init: scratch needs architecture with a model_type (e.g. llama)")
+            if not (self.tokenizer or self.name):
+                raise ValueError("init: scratch needs a tokenizer (model.tokenizer or model.name)")
+        return self
+
+
+class SourceConfig(_Strict):
+    name: str = Field(description="Short name of this kind of data (used in metrics and the schedule).")
+    path: str = Field(
+        description="JSONL / Parquet / text file or folder, a dataset saved with save_to_disk, "
+        "or a Hugging Face hub dataset id."
+    )
+    format: Literal["text", "chat", "prompt_completion"] = Field("text", description="Record layout.")
+    text_field: str = Field("text", description="Field holding the text (format: text).")
+    messages_field: str = Field("messages", description="Field holding the chat messages (format: chat).")
+    prompt_field: str = Field("prompt", description="Prompt field (format: prompt_completion).")
+    completion_field: str = Field("completion", description="Completion field (prompt_completion).")
+    loss_on: Literal["all", "completion"] = Field(
+        "all", description="Train on all tokens, or only on completions / assistant turns."
+    )
+    quality_field: str | None = Field(None, description="Numeric field with each document's quality.")
+    hf_config: str | None = Field(None, description="Hub dataset configuration name.")
+    hf_split: str = Field("train", description="Hub dataset split to read.")
+    valid_path: str | None = Field(None, description="Separate held-out file (else split from path).")
+    valid_docs: int | float = Field(
+        0.05, ge=0, description="Held-out documents: a count (int) or a fraction (float < 1)."
+    )
+    max_docs: int | None = Field(None, gt=0, description="Use only the first N records.")
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="Malformed rows: stop with file:line, or skip, count and report them."
+    )
+    floor: float | None = Field(None, ge=0, le=1, description="This source's minimum share.")
+
+
+class SchedulePoint(_Strict):
+    at: float = Field(description="Training progress t in [0, 1].")
+    weights: dict[str, float] = Field(description="Share of each source at t (normalised).")
+
+
+class QualityPoint(_Strict):
+    at: float = Field(description="Training progress t in [0, 1].")
+    min: float = Field(description="Documents with quality below this are not drawn at t.")
+
+
+class MixtureConfig(_Strict):
+    schedule: list[SchedulePoint] | None = Field(
+        None, description="Schedule points; None = each source in proportion to its tokens."
+    )
+    interpolation: Literal["linear", "cosine", "step"] = Field(
+        "linear", description="How shares move between schedule points."
+    )
+    floor: float = Field(0.0, ge=0, le=1, description="Minimum share of every source.")
+    quality: list[QualityPoint] | None = Field(
+        None, description="Rising quality threshold (piecewise linear in t)."
+    )
+
+
+class TrainConfig(_Strict):
+    seq_len: int = Field(512, gt=1, description="Tokens per packed row.")
+    batch_size: int = Field(16, gt=0, description="Rows per optimizer step (global, all processes).")
+    micro_batch_size: int | None = Field(
+        None, gt=0, description="Rows per forward pass; batch_size / micro_batch_size accumulation steps."
+    )
+    steps: int = Field(1000, gt=0, description="Optimizer steps.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final LR / peak (cosine and wsd).")
+    lr_schedule: Literal["constant", "linear", "cosine", "wsd"] = Field(
+        "cosine", description="LR shape after warmup; wsd = warmup-stable-decay."
+    )
+    warmup: float = Field(0.05, ge=0, description="Warmup: a fraction of steps (< 1) or a step count.")
+    decay: float = Field(0.2, ge=0, le=1, description="wsd: fraction of steps spent decaying.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm (None: off).")
+    split_docs: bool = Field(
+        True, description="Split documents across rows (dense packing); False pads instead."
+    )
+    seed: int = Field(0, description="Seeds the data order, the mixture and initialisation.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast on CUDA, fp32 on CPU."
+    )
+    loss_impl: Literal["fused", "full"] = Field(
+        "fused", description="fused: chunked LM head + loss (no full logits); full: plain."
+    )
+    compile: bool = Field(False, description="torch.compile the model.")
+    threads: int | None = Field(None, gt=0, description="CPU threads (torch.set_num_threads).")
+    checkpoint_every: int | None = Field(100, gt=0, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, gt=0, description="Keep the newest K complete checkpoints.")
+    log_every: int = Field(1, gt=0, description="Steps between progress updates.")
+
+
+class EvalConfig(_Strict):
+    every: int | None = Field(100, gt=0, description="Steps between evals (also at step 0 and the end).")
+    batch_size: int = Field(8, gt=0, description="Rows per eval forward pass.")
+    max_valid_tokens: int | None = Field(
+        None, gt=0, description="Cap on validation tokens per source (None: all held-out docs)."
+    )
+    retention_tolerance: float = Field(0.02, ge=0, description="Allowed loss per metric vs baseline.")
+    tasks: list[Annotated[TaskConfig, Field(discriminator="kind")]] = Field(
+        default_factory=list, description="Task evaluators (multiple_choice, generation, sql_execution)."
+    )
+
+
+class RunConfig(_Strict):
+    model: ModelConfig
+    sources: list[SourceConfig] = Field(min_length=1)
+    mixture: MixtureConfig = Field(default_factory=MixtureConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: str = Field("runs/run", description="Run directory.")
+    cache_dir: str | None = Field(None, description="Token cache (default ~/.cache/keepmix).")
+    trackers: list[Literal["tensorboard", "wandb", "trackio"]] = Field(
+        default_factory=list, description="Optional experiment trackers."
+    )
+    base_dir: str = Field(".", exclude=True, description="Folder relative paths resolve against.")
+
+    def resolve(self, path: str | None) -> str | None:
+        """A config path made absolute against the config file's folder (hub ids stay as they are)."""
+        if path is None:
+            return None
+        p = Path(os.path.expanduser(path))
+        if p.is_absolute():
+            return str(p)
+        candidate = Path(self.base_dir) / p
+        if candidate.exists() or path.startswith((".", "/")) or _looks_local(path):
+            return str(candidate.resolve())
+        return path
+
+    def resolve_local(self, path: str) -> str:
+        """A path that is always local (output, cache), made absolute against the config's folder."""
+        return str((Path(self.base_dir) / Path(os.path.expanduser(path))).resolve())
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def micro_batch(self) -> int:
+        return self.train.micro_batch_size or self.train.batch_size
+
+
+def _looks_local(path: str) -> bool:
+    return Path(path).suffix.lower() in {".jsonl", ".json", ".parquet", ".txt", ".md", ".sqlite", ".db"}
+
+
+def _key_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("multiple_choice", "generation", "sql_execution", "function-after"):
+            continue  # pydantic's union-branch tags are not user keys
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _pydantic_problems(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        key = _key_path(e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the README's config reference)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        got = e.get("input")
+        if e["type"] not in ("extra_forbidden", "missing") and not isinstance(got, (dict, list)):
+            msg += f" (got {got!r})"
+        problems.append(f"{key}: {msg}")
+    return problems
+
+
+def _semantic_problems(cfg: RunConfig) -> list[str]:
+    """Problems that need the whole config: names, schedules, floors, files."""
+    problems = []
+    names = cfg.source_names
+    seen = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            problems.append(f"sources[{i}].name: duplicate source name {name!r}")
+        seen.add(name)
+    listing = ", ".join(names)
+    mix = cfg.mixture
+    if mix.schedule is not None:
+        if not mix.schedule:
+            problems.append("mixture.schedule: needs at least one point (or leave it out)")
+        last = -1.0
+        for i, point in enumerate(mix.schedule):
+            key = f"mixture.schedule[{i}]"
+            if not 0.0 <= point.at <= 1.0:
+                problems.append(f"{key}.at: must lie in [0, 1] (got {point.at})")
+            elif point.at <= last:
+                problems.append(f"{key}.at: points must be strictly increasing (got {point.at} after {last})")
+            last = max(last, point.at)
+            for src, w in point.weights.items():
+                if src not in names:
+                    problems.append(f"{key}.weights.{src}: no source named {src!r} (sources: {listing})")
+                if w < 0:
+                    problems.append(f"{key}.weights.{src}: weight must be >= 0 (got {w})")
+            if sum(w for w in point.weights.values() if w > 0) <= 0:
+                problems.append(f"{key}.weights: at least one weight must be positive")
+    if mix.quality is not None:
+        last = -1.0
+        for i, point in enumerate(mix.quality):
+            if not 0.0 <= point.at <= 1.0 or point.at <= last:
+                problems.append(f"mixture.quality[{i}].at: must lie in [0, 1], strictly increasing")
+            last = max(last, point.at)
+        if not any(s.quality_field for s in cfg.sources):
+            problems.append("mixture.quality: no source has a quality_field to threshold")
+    floors = [s.floor if s.floor is not None else mix.floor for s in cfg.sources]
+    if sum(floors) > 1.0 + 1e-9:
+        problems.append(
+            f"mixture.floor: floors sum to {sum(floors):.3f} over {len(floors)} sources; they must sum to <= 1"
+        )
+    t = cfg.train
+    if t.micro_batch_size and t.batch_size % t.micro_batch_size:
+        problems.append(
+            f"train.micro_batch_size: must divide train.batch_size ({t.batch_size}); got {t.micro_batch_size}"
+        )
+    if t.warmup >= 1 and int(t.warmup) != t.warmup:
+        problems.append(f"train.warmup: a step count must be a whole number (got {t.warmup})")
+    if t.warmup >= 1 and t.warmup > t.steps:
+        problems.append(f"train.warmup: {int(t.warmup)} warmup steps exceed train.steps ({t.steps})")
+    for i, s in enumerate(cfg.sources):
+        for field, value in (("path", s.path), ("valid_path", s.valid_path)):
+            resolved = cfg.resolve(value)
+            if resolved and Path(resolved).is_absolute() and not Path(resolved).exists():
+                problems.append(f"sources[{i}].{field}: file not found: {resolved}")
+        if isinstance(s.valid_docs, float) and not s.valid_docs < 1:
+            problems.append(f"sources[{i}].valid_docs: a fraction must be < 1 (got {s.valid_docs})")
+        if s.loss_on == "completion" and s.format == "text":
+            problems.append(f"sources[{i}].loss_on: 'completion' needs format chat or prompt_completion")
+    m = cfg.model
+    for field in ("name", "tokenizer"):
+        value = getattr(m, field)
+        resolved = cfg.resolve(value)
+        if value and resolved and Path(resolved).is_absolute() and not Path(resolved).exists():
+            problems.append(f"model.{field}: folder not found: {resolved}")
+    for i, task in enumerate(cfg.eval.tasks):
+        for field in ("path", "database"):
+            resolved = cfg.resolve(getattr(task, field, None))
+            if resolved and Path(resolved).is_absolute() and not Path(resolved).exists():
+                problems.append(f"eval.tasks[{i}].{field}: file not found: {resolved}")
+    task_names = [task.name for task in cfg.eval.tasks]
+    for name in {n for n in task_names if task_names.count(n) > 1}:
+        problems.append(f"eval.tasks: duplicate task name {name!r}")
+    return problems
+
+
+def parse_config(data: Any, *, source: str = "<config>", base_dir: str | Path = ".") -> RunConfig:
+    """Validate a config dict; raise one ConfigError with every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"(top level): expected a mapping of keys, got {type(data).__name__}"])
+    data = {**data, "base_dir": str(Path(base_dir).resolve())}
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(source, _pydantic_problems(err)) from None
+    problems = _semantic_problems(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read, validate and resolve a YAML config file; `overrides` are dotted keys (train.steps: 10)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(str(path), ["file not found"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(where, [f"not valid YAML: {getattr(err, 'problem', err)}"]) from None
+    for key, value in (overrides or {}).items():
+        apply_override(data, key, value)
+    return parse_config(data, source=str(path), base_dir=path.parent)
+
+
+def apply_override(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    """The resolved config as plain data, paths made absolute so the run directory is self-contained."""
+    data = cfg.model_dump(mode="json")
+    for i, s in enumerate(cfg.sources):
+        data["sources"][i]["path"] = cfg.resolve(s.path)
+        data["sources"][i]["valid_path"] = cfg.resolve(s.valid_path)
+    for field in ("name", "tokenizer", "gguf_file"):
+        data["model"][field] = cfg.resolve(getattr(cfg.model, field)) if field != "gguf_file" else cfg.model.gguf_file
+    for i, task in enumerate(cfg.eval.tasks):
+        for field in ("path", "database"):
+            if data["eval"]["tasks"][i].get(field):
+                data["eval"]["tasks"][i][field] = cfg.resolve(getattr(task, field))
+    data["output"] = cfg.resolve_local(cfg.output)
+    data["cache_dir"] = cfg.resolve_local(cfg.cache_dir) if cfg.cache_dir else None
+    return data
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# Keys whose change keeps a resumed run exactly equal to an uninterrupted one.
+RESUME_SAFE_KEYS = (
+    "eval",
+    "output",
+    "cache_dir",
+    "trackers",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.device",
+    "train.threads",
+    "model.lora.merge",
+)
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs, except resume-safe ones."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        dotted = f"{prefix}{key}"
+        if any(dotted == k or dotted.startswith(k + ".") for k in RESUME_SAFE_KEYS):
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, dotted + ".")
+        elif a != b:
+            out.append(dotted)
+    return out

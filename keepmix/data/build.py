@@ -1,0 +1,71 @@
+"""Builders that turn the config's data sections into ready components.
+
+Contract: `prepare_sources` reads, validates, splits and tokenizes every source (through the token
+cache) and returns `PreparedSource`s; `build_sampler` makes the mixture sampler from them. Like
+torchtune's builders, these are the only data code that reads the config tree; everything they build
+takes plain arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from keepmix.config import RunConfig
+from keepmix.data.mixture import MixtureSampler, QualitySchedule, Schedule
+from keepmix.data.packing import DocStream
+from keepmix.data.sources import describe_skipped, load_source
+from keepmix.data.tokenize import TokenDocs, cached_tokenize, default_cache_dir
+
+
+@dataclass
+class PreparedSource:
+    name: str
+    train: TokenDocs
+    valid: TokenDocs
+    quality: np.ndarray | None
+    skipped: list[str]
+    cache_hit: bool
+
+
+def prepare_sources(cfg: RunConfig, tokenizer, log=print) -> list[PreparedSource]:
+    cache_dir = Path(cfg.resolve_local(cfg.cache_dir)) if cfg.cache_dir else default_cache_dir()
+    out = []
+    for s in cfg.sources:
+        docs = load_source(
+            s.name, cfg.resolve(s.path), format=s.format,
+            fields={"text": s.text_field, "messages": s.messages_field, "prompt": s.prompt_field,
+                    "completion": s.completion_field},
+            quality_field=s.quality_field, hf_config=s.hf_config, hf_split=s.hf_split,
+            valid_path=cfg.resolve(s.valid_path), valid_docs=s.valid_docs, max_docs=s.max_docs,
+            on_bad_row=s.on_bad_row, seed=cfg.train.seed,
+        )
+        if docs.skipped:
+            log(f"source {s.name}: {describe_skipped(docs.skipped)}")
+        train, hit_t = cached_tokenize(docs.train, tokenizer, fmt=s.format, loss_on=s.loss_on,
+                                       key=docs.fingerprint + "/train", cache_dir=cache_dir, where=f"source {s.name}")
+        valid, hit_v = cached_tokenize(docs.valid, tokenizer, fmt=s.format, loss_on=s.loss_on,
+                                       key=docs.fingerprint + "/valid", cache_dir=cache_dir, where=f"source {s.name}")
+        out.append(PreparedSource(s.name, train, valid, docs.train_quality, docs.skipped, hit_t and hit_v))
+    return out
+
+
+def build_schedule(cfg: RunConfig, sources: list[PreparedSource]) -> Schedule:
+    names = [s.name for s in sources]
+    floors = [s.floor if s.floor is not None else cfg.mixture.floor for s in cfg.sources]
+    if cfg.mixture.schedule:
+        points = [(p.at, p.weights) for p in cfg.mixture.schedule]
+    else:  # the natural mixture: each source in proportion to its training tokens
+        points = [(0.0, {s.name: float(s.train.target_tokens) for s in sources})]
+    return Schedule(names, points, floors, cfg.mixture.interpolation)
+
+
+def build_sampler(cfg: RunConfig, sources: list[PreparedSource]) -> MixtureSampler:
+    streams = [DocStream(s.train.lengths, seed=cfg.train.seed, source_index=i, quality=s.quality)
+               for i, s in enumerate(sources)]
+    quality = QualitySchedule([(p.at, p.min) for p in cfg.mixture.quality]) if cfg.mixture.quality else None
+    return MixtureSampler(build_schedule(cfg, sources), streams, batch_rows=cfg.train.batch_size,
+                          total_steps=cfg.train.steps, seq_len=cfg.train.seq_len,
+                          split_docs=cfg.train.split_docs, quality=quality)

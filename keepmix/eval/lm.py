@@ -1,0 +1,62 @@
+"""Held-out language-model metrics per source: loss, perplexity, top-1 next-token accuracy.
+
+Contract: every held-out document of a source is packed once, in order (`eval_plans`), and scored with
+the same fused head + loss as training, `batch_size` rows at a time under no_grad — memory is bounded by
+one batch, never full-vocabulary logits for a split. With several processes each takes a strided share
+of the rows and the sums are added up (`reduce`), so the numbers do not depend on the process count
+beyond float summation order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from keepmix.data.packing import build_rows, eval_plans
+from keepmix.data.tokenize import TokenDocs
+from keepmix.train.forward import run_rows
+
+
+@torch.no_grad()
+def validation_metrics(
+    loss_model,
+    valid: list[tuple[str, TokenDocs]],
+    *,
+    seq_len: int,
+    batch_size: int,
+    pad_id: int,
+    device,
+    max_tokens: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> dict[str, float]:
+    was_training = loss_model.training
+    loss_model.eval()
+    out = {}
+    for index, (name, docs) in enumerate(valid):
+        if len(docs) == 0:
+            continue
+        plans = eval_plans(docs, seq_len, index, max_tokens)[rank::world_size]
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, tokens
+        for i in range(0, len(plans), batch_size):
+            rows = build_rows(plans[i : i + batch_size], [docs if j == index else None for j in range(len(valid))],
+                              seq_len, pad_id)
+            weights = torch.zeros(rows.labels.numel())
+            _, token_loss, token_correct = run_rows(loss_model, rows, weights, device)
+            mask = rows.labels.reshape(-1) != -100
+            sums += torch.stack([
+                token_loss.cpu().double()[mask].sum(), token_correct.cpu().double()[mask].sum(), mask.sum().double()
+            ])
+        loss, correct, tokens = reduce(sums.to(device)).cpu().tolist()
+        if tokens == 0:
+            continue
+        mean = loss / tokens
+        out[f"valid/{name}/loss"] = mean
+        out[f"valid/{name}/ppl"] = math.exp(min(mean, 50.0))
+        out[f"valid/{name}/token_acc"] = correct / tokens
+    if was_training:
+        loss_model.train()
+    return out

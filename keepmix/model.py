@@ -1,0 +1,142 @@
+"""Every transformers / peft call of keepmix: load, adapt, split into trunk and head, save.
+
+Contract: `load_model` returns (model, tokenizer) from a hub id, a local folder, a GGUF file, or — for
+proxy experiments — a fresh model built from an architecture config with a given tokenizer. Weights
+are float32 on CPU. `trunk_and_head` gives the module that maps ids to final hidden states and the
+output projection, so keepmix computes the LM loss chunk by chunk without full logits.
+`save_final` writes a folder that `AutoModelForCausalLM.from_pretrained` loads (adapter merged on
+request), with the tokenizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from keepmix.errors import KeepmixError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def quiet_transformers() -> None:
+    """keepmix draws its own progress; silence transformers' per-file bars and advisory warnings."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def load_tokenizer(name: str, *, gguf_file: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise KeepmixError(f"could not load the tokenizer {name!r}: {err}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding never reaches the loss (labels are -100 there)
+    return tok
+
+
+def load_model(
+    name: str | None,
+    *,
+    gguf_file: str | None = None,
+    tokenizer: str | None = None,
+    init: str = "pretrained",
+    architecture: dict | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    seed: int = 0,
+):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quiet_transformers()
+
+    # "auto" keeps float32 master weights everywhere; on GPUs bf16 comes from autocast.
+    torch_dtype = torch.float32 if dtype == "auto" else DTYPES[dtype]
+    tok_gguf = gguf_file if tokenizer is None else None
+    tok = load_tokenizer(tokenizer or name, gguf_file=tok_gguf, trust_remote_code=trust_remote_code)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if init == "scratch":
+        arch = dict(architecture)
+        model_type = arch.pop("model_type")
+        arch.setdefault("vocab_size", len(tok))
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            arch.setdefault(key, getattr(tok, key))
+        config = AutoConfig.for_model(model_type, **arch)
+        torch.manual_seed(seed)  # initial weights follow the run's seed
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **kwargs)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, dtype=torch_dtype, **kwargs)
+        except (OSError, ValueError) as err:
+            raise KeepmixError(f"could not load the model {name!r}: {err}") from None
+    if gguf_file:
+        # GGUF weights are dequantized to plain floats, but transformers still marks the model as
+        # quantized and refuses save_pretrained; the weights are ordinary tensors, so drop the mark.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        raise KeepmixError(f"the tokenizer has {len(tok)} tokens but the model's embedding only "
+                           f"{model.get_input_embeddings().num_embeddings}")
+    return model, tok
+
+
+def add_lora(model, *, r: int, alpha: float, dropout: float, target_modules):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def base_model(model) -> nn.Module:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def trunk_and_head(model) -> tuple[nn.Module, nn.Module]:
+    """(module mapping ids → final hidden states, output projection)."""
+    base = base_model(model)
+    cfg = base.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        raise KeepmixError(
+            f"{cfg.model_type} transforms its logits after the head; set train.loss_impl: full for this model"
+        )
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The parameters that training changes (all of them, or the adapter), by name."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise KeepmixError(f"checkpoint weights do not match the model (missing {missing}, unexpected {extra})")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def save_final(model, tokenizer, out: Path, *, merge_lora: bool = False) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    to_save = model
+    if hasattr(model, "merge_and_unload") and merge_lora:
+        import copy
+
+        to_save = copy.deepcopy(model).merge_and_unload()
+    to_save.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

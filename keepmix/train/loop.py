@@ -1,0 +1,157 @@
+"""The training loop: readable top to bottom.
+
+Contract: `train(config)` continues the pre-training of a model on the config's scheduled mixture and
+leaves a run directory (docs/CONTRACTS.md): resolved config, metrics.jsonl, exposure log, checkpoints,
+final/ in Hugging Face format, retention.json. With `resume=True` it continues from the newest complete
+checkpoint; given the same config (and world size) the per-step losses, the exposure log and the final
+weights equal an uninterrupted run's — bit for bit on CPU. A non-finite loss or gradient stops the run
+before the optimizer step: the weights and the last checkpoint stay as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from keepmix.config import RunConfig, load_config
+from keepmix.data.build import build_sampler, prepare_sources
+from keepmix.data.packing import build_rows
+from keepmix.data.mixture import rows_for_rank
+from keepmix.diagnostics.exposures import ExposureWriter
+from keepmix.errors import NonFiniteLossError
+from keepmix.eval.lm import validation_metrics
+from keepmix.model import save_final
+from keepmix.train.forward import LossModel, RowStats, run_rows
+from keepmix.train.session import Session, open_session
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path | None
+    status: str
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    retention: dict[str, dict] = field(default_factory=dict)
+
+
+def train(config: RunConfig | str | Path, *, resume: bool = False, progress: str = "auto",
+          overrides: dict | None = None, stop_at: int | None = None) -> TrainResult:
+    """Run (or resume) the training described by a config object or YAML file.
+
+    `stop_at` ends this session after that step with a checkpoint (a time-sliced job); resume later.
+    """
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    with open_session(cfg, resume=resume, progress=progress) as s:
+        return _train(s, stop_at)
+
+
+def _train(s: Session, stop_at: int | None) -> TrainResult:
+    cfg, acc, state = s.cfg, s.accelerator, s.state
+    t = cfg.train
+    sources = prepare_sources(cfg, s.tokenizer, log=s.progress.message)
+    names = [src.name for src in sources]
+    train_docs = [src.train for src in sources]
+    sampler = build_sampler(cfg, sources)
+    loss_model = LossModel(s.model, t.loss_impl)
+    if t.compile:
+        loss_model = torch.compile(loss_model)
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+    scheduler = s.lr_scheduler(optimizer)
+    loss_model, optimizer = acc.prepare(loss_model, optimizer)
+    exposures = ExposureWriter(s.run_dir) if acc.is_main_process else None
+    if state.resumed_from is not None:
+        loaded = s.load_checkpoint(sampler, optimizer, scheduler)
+        if exposures is not None:
+            exposures.truncate_after(loaded)
+    pad_id = s.tokenizer.pad_token_id
+    valid = [(src.name, src.valid) for src in sources]
+    micro = cfg.micro_batch() // acc.num_processes or 1
+
+    def evaluate() -> None:
+        metrics = validation_metrics(loss_model, valid, seq_len=t.seq_len, batch_size=cfg.eval.batch_size,
+                                     pad_id=pad_id, device=acc.device, max_tokens=cfg.eval.max_valid_tokens,
+                                     rank=acc.process_index, world_size=acc.num_processes, reduce=acc.reduce)
+        metrics.update(s.run_tasks())
+        s.log_eval(metrics)
+
+    s.progress.start(t.steps, state.step, names, title=f"keepmix train → {s.run_dir}")
+    if state.step == 0:
+        evaluate()  # the baseline: every retention figure is relative to it
+    step_start = time.perf_counter()
+    while state.step < t.steps:
+        # ---- plan the global batch; this process builds only its rows -------------------------------
+        plans, planned, passes = sampler.plan()
+        for src, p in passes:
+            s.log({"kind": "epoch", "source": names[src], "epoch": p, "step": state.step + 1})
+        global_rows = build_rows(plans, train_docs, t.seq_len, pad_id)
+        n_targets = int((global_rows.labels != -100).sum())
+        local = rows_for_rank(plans, acc.process_index, acc.num_processes)
+        lr = scheduler.get_last_lr()[0]
+        # ---- forward / backward over micro-batches (gradient accumulation) ---------------------------
+        stats = RowStats(len(sources))
+        step_loss = torch.zeros((), device=acc.device)
+        segments = []
+        for i in range(0, len(local), micro):
+            rows = build_rows(local[i : i + micro], train_docs, t.seq_len, pad_id)
+            # each target weighs 1/targets of the whole global batch; DDP averages over processes
+            weights = (rows.labels.reshape(-1) != -100).float() * (acc.num_processes / max(n_targets, 1))
+            last = i + micro >= len(local)
+            sync = contextlib.nullcontext() if last else acc.no_sync(loss_model)
+            with sync, acc.autocast():
+                loss, token_loss, token_correct = run_rows(loss_model, rows, weights, acc.device)
+                acc.backward(loss)
+            step_loss += loss.detach()
+            stats.add(rows, token_loss, token_correct)
+            segments += rows.segments
+            state.micro_step += 1
+        # ---- non-finite guard, clip, update -------------------------------------------------------
+        if t.grad_clip is not None:
+            grad_norm = acc.clip_grad_norm_(params, t.grad_clip)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        bad = ~torch.isfinite(acc.reduce(step_loss)) | ~torch.isfinite(torch.as_tensor(grad_norm))
+        if bool(bad):
+            optimizer.zero_grad(set_to_none=True)
+            s.finish("non_finite")
+            raise NonFiniteLossError(
+                f"step {state.step + 1}: the loss or gradient is not finite (loss {step_loss.item():.4g}, "
+                f"grad norm {float(grad_norm):.4g}); the weights were not updated and the last checkpoint "
+                f"is intact. Lower train.lr or check the data, then resume with --resume."
+            )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens_seen += global_rows.real_tokens
+        # ---- metrics and the exposure log --------------------------------------------------------
+        totals = RowStats.split(acc.reduce(stats.vector().to(acc.device)).cpu(), len(sources))
+        s.log_train(totals, names, planned, lr, float(grad_norm), global_rows.real_tokens,
+                    time.perf_counter() - step_start, sampler)
+        s.add_exposures(exposures, segments, stats, names, lr)
+        # ---- evals and checkpoints ---------------------------------------------------------------
+        final = state.step == t.steps
+        if final or (cfg.eval.every and state.step % cfg.eval.every == 0):
+            evaluate()
+        stopping = stop_at is not None and state.step >= stop_at and not final
+        if final or stopping or (t.checkpoint_every and state.step % t.checkpoint_every == 0):
+            if exposures is not None:
+                exposures.flush()
+            s.save_checkpoint(sampler, optimizer, scheduler)
+        if stopping:
+            s.finish("stopped")
+            return TrainResult(s.run_dir, None, "stopped", state.step, s.last_metrics, s.last_retention)
+        step_start = time.perf_counter()  # evals and checkpoints do not count as step time
+    final_dir = None
+    if acc.is_main_process:
+        final_dir = save_final(acc.unwrap_model(loss_model).model, s.tokenizer, s.run_dir / "final",
+                               merge_lora=bool(cfg.model.lora and cfg.model.lora.merge))
+    acc.wait_for_everyone()
+    s.finish("completed", final_dir)
+    return TrainResult(s.run_dir, final_dir, "completed", state.step, s.last_metrics, s.last_retention)
+

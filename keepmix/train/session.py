@@ -1,0 +1,302 @@
+"""Everything around the training loop: run directory, devices, model, logging, evals, checkpoints.
+
+Contract: `open_session` prepares a run (or the resume of one) and yields a `Session` whose methods the
+loop calls at named points — `log_train`, `log_eval`, `add_exposures`, `save_checkpoint`, `finish`.
+Only the main process writes files. Starting a new run in a directory that already holds one is refused
+(nothing is overwritten); `resume=True` checks that the config did not change in a way that would break
+exactness, truncates metrics.jsonl to the checkpoint, and restores every stateful component.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from keepmix.config import RunConfig, changed_keys, config_to_dict, dump_config
+from keepmix.errors import KeepmixError
+from keepmix.model import add_lora, load_model, load_trainable_state, trainable_state
+from keepmix.train import checkpoint as ckpt
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer updates done
+    micro_step: int = 0  # forward/backward passes done (this process)
+    tokens_seen: int = 0  # real (non-padding) tokens trained on, all processes
+    elapsed: float = 0.0  # training wall time before this session
+    resumed_from: int | None = None
+    baseline: dict[str, float] = field(default_factory=dict)
+
+
+def _lr_scheduler(optimizer, t):
+    from transformers import get_scheduler
+
+    warmup = int(t.warmup) if t.warmup >= 1 else int(round(t.warmup * t.steps))
+    if t.lr_schedule == "constant":
+        return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup)
+    if t.lr_schedule == "linear":
+        return get_scheduler("linear", optimizer, num_warmup_steps=warmup, num_training_steps=t.steps)
+    if t.lr_schedule == "cosine":
+        return get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=warmup, num_training_steps=t.steps,
+                             scheduler_specific_kwargs={"min_lr_rate": t.min_lr_ratio})
+    decay = int(round(t.decay * t.steps))
+    return get_scheduler("warmup_stable_decay", optimizer, num_warmup_steps=warmup, num_training_steps=t.steps,
+                         scheduler_specific_kwargs={"num_decay_steps": decay, "min_lr_ratio": t.min_lr_ratio})
+
+
+def make_accelerator(device: str, precision: str):
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KeepmixError("train.device is 'cuda' but no CUDA device is available")
+    mixed = "bf16" if cuda and precision in ("auto", "bf16") else "no"
+    return Accelerator(cpu=not cuda, mixed_precision=mixed)
+
+
+class Session:
+    def __init__(self, cfg: RunConfig, resume: bool, progress):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.resolve_local(cfg.output))
+        self.progress = progress
+        self.state = TrainState()
+        self.accelerator = make_accelerator(cfg.train.device, cfg.train.precision)
+        self.main = self.accelerator.is_main_process
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.last_metrics: dict[str, float] = {}
+        self.last_retention: dict[str, dict] = {}
+        self._latest = self._prepare_run_dir(resume)
+        self._trackers = None
+        self._clock = time.perf_counter()
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        m = cfg.model
+        self.model, self.tokenizer = load_model(
+            cfg.resolve(m.name), gguf_file=m.gguf_file, tokenizer=cfg.resolve(m.tokenizer), init=m.init,
+            architecture=m.architecture, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+            attn_implementation=m.attn_implementation, seed=cfg.train.seed,
+        )
+        if m.lora:
+            self.model = add_lora(self.model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                                  target_modules=m.lora.target_modules)
+        if m.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            self.model.config.use_cache = False
+        self.model.train()
+        self._tasks = list(cfg.eval.tasks)
+        if self.main:
+            self._log_start()
+
+    # ---- run directory --------------------------------------------------------------------------
+    def _prepare_run_dir(self, resume: bool) -> Path | None:
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        existing = self.metrics_path.exists() or latest is not None
+        if existing and not resume:
+            raise KeepmixError(
+                f"{self.run_dir} already holds a run; continue it with --resume, or set another output "
+                f"(nothing was changed)"
+            )
+        resolved = config_to_dict(self.cfg)
+        if latest is not None:
+            saved = yaml.safe_load((latest / "config.yaml").read_text())
+            changed = changed_keys(saved, resolved)
+            if changed:
+                raise KeepmixError(
+                    f"cannot resume {latest}: the config changed in keys that break an exact resume: "
+                    f"{', '.join(changed)}. Restore them, or start a new run in another output folder."
+                )
+            saved_world = json.loads((latest / "state.json").read_text()).get("world_size", 1)
+            if saved_world != self.accelerator.num_processes:
+                raise KeepmixError(
+                    f"cannot resume {latest}: it was written by {saved_world} process(es), this run has "
+                    f"{self.accelerator.num_processes}; resume with the same number of processes"
+                )
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.run_dir / "config.yaml")
+            self._truncate_metrics(ckpt.latest_checkpoint(self.ckpt_root))
+        return latest
+
+    def _truncate_metrics(self, latest: Path | None) -> None:
+        """Keep the records up to the checkpoint a resume starts from (all of them: none)."""
+        if not self.metrics_path.exists():
+            return
+        keep_step = int(latest.name.split("-")[1]) if latest else -1
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            if rec.get("kind") == "start" and latest is not None:
+                kept.append(line)
+            elif rec.get("kind") in ("train", "epoch", "eval") and rec.get("step", 0) <= keep_step:
+                kept.append(line)
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.metrics_path)
+
+    # ---- logging --------------------------------------------------------------------------------
+    def now(self) -> float:
+        return self.state.elapsed + time.perf_counter() - self._clock
+
+    def log(self, record: dict) -> None:
+        if not self.main:
+            return
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._trackers is not None:
+            self._trackers.log(record)
+
+    def _log_start(self) -> None:
+        if self.cfg.trackers:
+            from keepmix.report.metrics import make_trackers
+
+            self._trackers = make_trackers(list(self.cfg.trackers), self.run_dir, config_to_dict(self.cfg))
+        self.log({
+            "kind": "start", "time": time.time(), "total_steps": self.cfg.train.steps,
+            "seq_len": self.cfg.train.seq_len, "batch_size": self.cfg.train.batch_size,
+            "sources": self.cfg.source_names, "model": self.cfg.model.name or "scratch",
+            "resumed_from": int(self._latest.name.split("-")[1]) if self._latest else None,
+            "output": str(self.run_dir), "world_size": self.accelerator.num_processes,
+        })
+
+    def log_train(self, totals: dict, names: list[str], planned: np.ndarray, lr: float, grad_norm: float,
+                  tokens: int, seconds: float, sampler) -> None:
+        st = self.state
+        n_tokens = float(totals["tokens"].sum())
+        rows = totals["rows"]
+        cum = sampler.assigned / max(sampler.assigned.sum(), 1)
+        record = {
+            "kind": "train", "step": st.step, "micro_step": st.micro_step, "tokens_seen": st.tokens_seen,
+            "time": round(self.now(), 3), "lr": lr,
+            "loss": float(totals["loss"].sum()) / max(n_tokens, 1.0),
+            "token_acc": float(totals["correct"].sum()) / max(n_tokens, 1.0),
+            "grad_norm": grad_norm, "tokens_per_s": tokens / max(seconds, 1e-9),
+            "sources": {
+                name: {"loss": float(totals["loss"][i]) / max(float(totals["tokens"][i]), 1.0),
+                       "token_acc": float(totals["correct"][i]) / max(float(totals["tokens"][i]), 1.0),
+                       "tokens": int(totals["tokens"][i]), "rows": int(rows[i])}
+                for i, name in enumerate(names) if rows[i] > 0
+            },
+            "planned": {name: float(planned[i]) for i, name in enumerate(names)},
+            "realized": {name: float(rows[i] / rows.sum()) for i, name in enumerate(names)},
+            "realized_cum": {name: float(cum[i]) for i, name in enumerate(names)},
+            "epoch": {name: round(sampler.streams[i].passes_done, 4) for i, name in enumerate(names)},
+        }
+        self.log(record)
+        if self.main and (st.step % self.cfg.train.log_every == 0 or st.step == self.cfg.train.steps):
+            self.progress.train(record)
+
+    def add_exposures(self, writer, segments: list, stats, names: list[str], lr: float) -> None:
+        if writer is None or not segments:
+            return
+        loss = torch.cat(stats.segment_loss).numpy()
+        tokens = torch.cat(stats.segment_tokens).numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(tokens > 0, loss / np.maximum(tokens, 1), np.nan)
+        writer.add(self.state.step, [names[src] for src, _ in segments], [seg.doc_id for _, seg in segments],
+                   [seg.view for _, seg in segments], lr, mean, tokens.astype(np.int32))
+
+    def run_tasks(self) -> dict[str, float]:
+        if not self._tasks:
+            return {}
+        from keepmix.eval.tasks import run_task
+
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        out = {}
+        for task in self._tasks:
+            for key, value in run_task(task, model, self.tokenizer, base_dir=Path(self.cfg.base_dir),
+                                       device=self.accelerator.device).items():
+                out[f"task/{task.name}/{key}"] = value
+        if was_training:
+            model.train()
+        return out
+
+    def log_eval(self, metrics: dict[str, float]) -> None:
+        from keepmix.eval.retention import compute_retention
+
+        st = self.state
+        if st.step == 0:
+            st.baseline = dict(metrics)
+        per_task = {f"task/{t.name}/": t.tolerance for t in self._tasks if getattr(t, "tolerance", None) is not None}
+        per_metric = {k: tol for k in metrics for prefix, tol in per_task.items() if k.startswith(prefix)}
+        retention = compute_retention(st.baseline, metrics, self.cfg.eval.retention_tolerance, per_metric)
+        self.last_metrics, self.last_retention = metrics, retention
+        record = {"kind": "eval", "step": st.step, "tokens_seen": st.tokens_seen, "time": round(self.now(), 3),
+                  "metrics": metrics, "retention": retention}
+        self.log(record)
+        if self.main:
+            self.progress.eval(record)
+            (self.run_dir / "retention.json").write_text(json.dumps(
+                {"step": st.step, "baseline_step": 0, "retention": retention}, indent=1))
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self, sampler, optimizer, scheduler) -> None:
+        acc = self.accelerator
+        if self.main:
+            st = self.state
+            state = {"step": st.step, "micro_step": st.micro_step, "tokens_seen": st.tokens_seen,
+                     "elapsed": self.now(), "baseline": st.baseline, "sampler": sampler.state_dict(),
+                     "world_size": acc.num_processes}
+            model = acc.unwrap_model(self.model)
+            path = ckpt.save_checkpoint(self.ckpt_root, st.step, weights=trainable_state(model),
+                                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                        state=state, keep=self.cfg.train.keep_checkpoints,
+                                        extra_files={"config.yaml": (self.run_dir / "config.yaml").read_text()})
+            self.progress.message(f"checkpoint: {path}")
+        acc.wait_for_everyone()
+
+    def load_checkpoint(self, sampler, optimizer, scheduler) -> int:
+        loaded = ckpt.load_checkpoint(self._latest)
+        load_trainable_state(self.accelerator.unwrap_model(self.model), loaded["weights"])
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["scheduler"])
+        ckpt.set_rng_state(loaded["rng"])
+        s = loaded["state"]
+        sampler.load_state_dict(s["sampler"])
+        st = self.state
+        st.step, st.micro_step, st.tokens_seen = s["step"], s["micro_step"], s["tokens_seen"]
+        st.elapsed, st.baseline = s["elapsed"], s["baseline"]
+        self._clock = time.perf_counter()
+        self.progress.message(f"resumed from {self._latest} (step {st.step})")
+        return st.step
+
+    def lr_scheduler(self, optimizer):
+        return _lr_scheduler(optimizer, self.cfg.train)
+
+    # ---- the end --------------------------------------------------------------------------------
+    def finish(self, status: str, final_dir: Path | None = None) -> None:
+        st = self.state
+        wall = self.now()
+        record = {"kind": "end", "step": st.step, "tokens_seen": st.tokens_seen, "time": round(wall, 3),
+                  "wall_s": round(wall, 3), "tokens_per_s": st.tokens_seen / max(wall, 1e-9), "status": status,
+                  "final_dir": str(final_dir) if final_dir else None}
+        self.log(record)
+        if self.main:
+            self.progress.end(record)
+
+
+@contextlib.contextmanager
+def open_session(cfg: RunConfig, *, resume: bool, progress: str):
+    from keepmix.report.progress import make_progress
+
+    with make_progress(progress) as bar:
+        session = Session(cfg, resume, bar)
+        session.state.resumed_from = int(session._latest.name.split("-")[1]) if session._latest else None
+        try:
+            yield session
+        except KeyboardInterrupt:
+            session.finish("stopped")
+            raise

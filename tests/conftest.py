@@ -1,0 +1,114 @@
+"""Shared fixtures: a tokenizer trained here, data made here, tiny Llama configs written here."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone cloud light "
+         "forest metal glass paper north south east west quick slow bright dark").split()
+DIGITS = "zero one two three four five six seven eight nine".split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def prose_docs(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 90))) + "."} for _ in range(n)]
+
+
+def qa_docs(n: int, seed: int = 1) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(10, 49), rng.randint(10, 49)
+        rows.append({"prompt": f"Q: {a} + {b} =", "completion": " " + " ".join(DIGITS[int(d)] for d in str(a + b))})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A 300-token byte-level BPE with EOS, pad and a chat template, trained on test text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [d["text"] for d in prose_docs(300)] + [d["prompt"] + d["completion"] for d in qa_docs(300)]
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+
+
+def deep_update(base: dict, new: dict) -> dict:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+@pytest.fixture
+def make_run(tmp_path, tokenizer_dir):
+    """Writes data and a tiny-Llama run config; returns the YAML path. Keyword args update the config."""
+
+    def make(name: str = "run", **updates) -> Path:
+        folder = tmp_path / name
+        folder.mkdir(exist_ok=True)
+        write_jsonl(folder / "general.jsonl", prose_docs(120))
+        write_jsonl(folder / "qa.jsonl", qa_docs(120))
+        cfg = {
+            "model": {"init": "scratch", "tokenizer": str(tokenizer_dir), "architecture": dict(TINY_LLAMA)},
+            "sources": [
+                {"name": "general", "path": "general.jsonl", "valid_docs": 10},
+                {"name": "qa", "path": "qa.jsonl", "format": "prompt_completion", "loss_on": "completion",
+                 "valid_docs": 10},
+            ],
+            "mixture": {"schedule": [{"at": 0.0, "weights": {"general": 0.8, "qa": 0.2}},
+                                     {"at": 1.0, "weights": {"general": 0.3, "qa": 0.7}}], "floor": 0.1},
+            "train": {"seq_len": 64, "batch_size": 4, "steps": 12, "lr": 3e-3, "warmup": 2, "seed": 0,
+                      "checkpoint_every": 6, "keep_checkpoints": 5, "threads": 1},
+            "eval": {"every": 6, "batch_size": 8},
+            "output": "out",
+            "cache_dir": "cache",
+        }
+        deep_update(cfg, updates)
+        path = folder / "run.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return make
+
+
+def train_records(run_dir: Path, kind: str = "train") -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == kind]

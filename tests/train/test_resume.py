@@ -1,0 +1,164 @@
+"""Exact resume: interrupted runs (stopped, SIGKILLed, killed mid-checkpoint) equal uninterrupted ones."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from keepmix.train.loop import train as _train_fn
+from keepmix.errors import NonFiniteLossError
+from tests.conftest import train_records
+
+LORA = {"model": {"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}}}
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in train_records(run_dir)]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    folder = run_dir / "final"
+    files = sorted(folder.glob("*.safetensors"))
+    assert files, f"no safetensors in {folder}"
+    out = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_stopped_and_resumed_run_is_bit_identical(make_run, variant):
+    updates = LORA if variant == "lora" else {}
+    whole = make_run("whole", **updates)
+    parts = make_run("parts", **updates)
+    _train_fn(whole, progress="quiet")
+    first = _train_fn(parts, progress="quiet", stop_at=6)
+    assert first.status == "stopped" and first.step == 6
+    second = _train_fn(parts, progress="quiet", resume=True)
+    assert second.status == "completed" and second.step == 12
+    ref, got = losses(whole.parent / "out"), losses(parts.parent / "out")
+    assert [s for s, _ in ref] == list(range(1, 13))
+    assert got == ref  # bit-identical floats, every step
+    assert_same_weights(final_weights(whole.parent / "out"), final_weights(parts.parent / "out"))
+    ref_eval = [r["metrics"] for r in train_records(whole.parent / "out", "eval")]
+    got_eval = [r["metrics"] for r in train_records(parts.parent / "out", "eval")]
+    assert got_eval == ref_eval
+
+
+def _run_cli(config: Path, *args: str, env_code: str | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "keepmix", "train", str(config), "--quiet", "--no-report", *args]
+    if env_code is not None:
+        cmd = [sys.executable, "-c", env_code, str(config), *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before step {step}:\n{proc.stdout.read()}")
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(f'"step": {step},' in line and '"kind": "train"' in line
+                                 for line in path.read_text().splitlines()):
+            return
+        time.sleep(0.005)
+    pytest.fail(f"no step {step} within {timeout}s")
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_bit_identical(make_run):
+    # long enough that the kill lands mid-training: 40 steps, checkpoints every 5
+    cfg = {"train": {"steps": 40, "checkpoint_every": 5}, "eval": {"every": 20}}
+    whole, killed = make_run("whole", **cfg), make_run("killed", **cfg)
+    _train_fn(whole, progress="quiet")
+    proc = _run_cli(killed)
+    _wait_for_step(killed.parent / "out", 12, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = _run_cli(killed, "--resume")
+    out, _ = done.communicate(timeout=300)
+    assert done.returncode == 0, out
+    starts = train_records(killed.parent / "out", "start")
+    assert starts[0]["resumed_from"] is None and starts[-1]["resumed_from"] in (5, 10)
+    assert losses(killed.parent / "out") == losses(whole.parent / "out")
+    assert_same_weights(final_weights(whole.parent / "out"), final_weights(killed.parent / "out"))
+
+
+def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(make_run):
+    whole, killed = make_run("whole"), make_run("killed")
+    _train_fn(whole, progress="quiet")
+    # The second checkpoint (step 12) dies after writing its weights, before its completion marker.
+    code = textwrap.dedent("""
+        import os, signal, sys
+        import keepmix.train.checkpoint as c
+        real = c.save_file
+        def dying_save_file(tensors, path):
+            real(tensors, path)
+            if "step-00000012" in str(path):
+                os.kill(os.getpid(), signal.SIGKILL)
+        c.save_file = dying_save_file
+        from keepmix.cli import main
+        sys.exit(main(["train", sys.argv[1], "--quiet", "--no-report"]))
+    """)
+    proc = _run_cli(killed, env_code=code)
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    ckpts = killed.parent / "out" / "checkpoints"
+    assert (ckpts / ".staging-step-00000012" / "weights.safetensors").exists()
+    assert [p.name for p in ckpts.glob("step-*")] == ["step-00000006"]
+    _train_fn(killed, progress="quiet", resume=True)
+    assert losses(killed.parent / "out") == losses(whole.parent / "out")
+    assert_same_weights(final_weights(whole.parent / "out"), final_weights(killed.parent / "out"))
+
+
+def test_non_finite_loss_stops_before_the_update(make_run, monkeypatch):
+    from keepmix.train import forward
+
+    config = make_run(train={"checkpoint_every": 2})
+    real_forward = forward.LossModel.forward
+    seen = {"calls": 0}
+
+    def poisoned(self, input_ids, position_ids, labels, token_weights):
+        seen["calls"] += 1
+        loss, token_loss, correct = real_forward(self, input_ids, position_ids, labels, token_weights)
+        if seen["calls"] == 5:  # the 5th training forward: step 5 (one micro-batch per step)
+            seen["model"] = self.model
+            seen["before"] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            loss = loss * float("nan")
+        return loss, token_loss, correct
+
+    monkeypatch.setattr(forward.LossModel, "forward", poisoned)
+    monkeypatch.setattr("keepmix.train.loop.validation_metrics", lambda *a, **k: {})  # keep counting simple
+    with pytest.raises(NonFiniteLossError, match="step 5: the loss or gradient is not finite"):
+        _train_fn(config, progress="quiet")
+    for n, p in seen["model"].named_parameters():
+        assert torch.equal(p.detach(), seen["before"][n]), n
+    run_dir = config.parent / "out"
+    assert [r["step"] for r in train_records(run_dir)] == [1, 2, 3, 4]
+    assert train_records(run_dir, "end")[-1]["status"] == "non_finite"
+    from keepmix.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    assert ckpt.name == "step-00000004"
+    weights = load_checkpoint(ckpt)["weights"]
+    params = dict(seen["model"].named_parameters())
+    for n, t in weights.items():
+        assert torch.equal(t, params[n].detach()), n
