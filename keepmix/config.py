@@ -260,7 +260,8 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
                 problems.append(f"{key}.at: must lie in [0, 1] (got {point.at})")
             elif point.at <= last:
                 problems.append(f"{key}.at: points must be strictly increasing (got {point.at} after {last})")
-            last = max(last, point.at)
+            else:
+                last = point.at
             for src, w in point.weights.items():
                 if src not in names:
                     problems.append(f"{key}.weights.{src}: no source named {src!r} (sources: {listing})")
@@ -316,6 +317,24 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def _without(data: dict, locations: list[tuple]) -> dict:
+    """A deep copy of data without the keys at the given pydantic error locations."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for loc in locations:
+        node, path = out, [p for p in loc if p not in ("multiple_choice", "generation", "sql_execution")]
+        for part in path[:-1]:
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                break
+        else:
+            if isinstance(node, dict) and path:
+                node.pop(path[-1], None)
+    return out
+
+
 def parse_config(data: Any, *, source: str = "<config>", base_dir: str | Path = ".") -> RunConfig:
     """Validate a config dict; raise one ConfigError with every problem."""
     if not isinstance(data, dict):
@@ -324,7 +343,14 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: str | Path = 
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(source, _pydantic_problems(err)) from None
+        problems = _pydantic_problems(err)
+        # Report the whole-config problems too: drop the keys already reported and check the rest.
+        pruned = _without(data, [e["loc"] for e in err.errors()])
+        try:
+            problems += [p for p in _semantic_problems(RunConfig.model_validate(pruned)) if p not in problems]
+        except ValidationError:
+            pass
+        raise ConfigError(source, problems) from None
     problems = _semantic_problems(cfg)
     if problems:
         raise ConfigError(source, problems)

@@ -27,7 +27,9 @@ class LossModel(nn.Module):
         self.trunk, self.head = trunk_and_head(model)
 
     def forward(self, input_ids, position_ids, labels, token_weights):
-        hidden = self.trunk(input_ids=input_ids, position_ids=position_ids).last_hidden_state  # (B, T, H)
+        # use_cache=False matters: with a cache, transformers ignores the document boundaries that the
+        # position_ids mark and lets packed documents attend to each other.
+        hidden = self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         fn = fused_linear_cross_entropy if self.loss_impl == "fused" else full_linear_cross_entropy
         return fn(hidden.reshape(-1, hidden.shape[-1]), self.head.weight, labels.reshape(-1),
                   token_weights.reshape(-1), bias=self.head.bias)
