@@ -48,7 +48,7 @@ class ModelConfig(_Strict):
         "e.g. {model_type: llama, hidden_size: 64, num_hidden_layers: 2, ...}.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight dtype: 'auto' = float32 on CPU, bfloat16 weights never on CPU."
+        "auto", description="Weight dtype; 'auto' keeps float32 master weights (bf16 comes from autocast on GPUs)."
     )
     trust_remote_code: bool = Field(False, description="Allow code from the model repository to run.")
     attn_implementation: str | None = Field(

@@ -1,0 +1,85 @@
+"""Standalone evaluation: the same held-out and task metrics as a run's evals, on any models.
+
+Contract: `evaluate(config, models)` loads each model ('base' = the config's model; a folder such as a
+run's final/ or a checkpoint export; a hub id; a PEFT adapter folder) and returns
+{model: {metric: value}} with exactly the metric keys a training run logs (`valid/<source>/...`,
+`task/<task>/...`). `print_comparison` prints them side by side with deltas against the first model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from keepmix.config import RunConfig, load_config
+from keepmix.data.build import prepare_sources
+from keepmix.eval.lm import validation_metrics
+from keepmix.model import load_model, quiet_transformers
+from keepmix.train.forward import LossModel
+
+
+def _load(cfg: RunConfig, name: str):
+    m = cfg.model
+    if name == "base":
+        return load_model(cfg.resolve(m.name), gguf_file=m.gguf_file, tokenizer=cfg.resolve(m.tokenizer),
+                          init=m.init, architecture=m.architecture, trust_remote_code=m.trust_remote_code,
+                          seed=cfg.train.seed)
+    path = Path(name)
+    if (path / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+        from transformers import AutoTokenizer
+
+        quiet_transformers()
+        model = AutoPeftModelForCausalLM.from_pretrained(path)
+        return model, AutoTokenizer.from_pretrained(path)
+    return load_model(name, trust_remote_code=m.trust_remote_code)
+
+
+def evaluate(config: RunConfig | str | Path, models: list[str], overrides: dict | None = None,
+             device: str | None = None) -> dict[str, dict[str, float]]:
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"))
+    from keepmix.eval.tasks import run_task
+
+    results = {}
+    for name in models:
+        model, tokenizer = _load(cfg, name)
+        model.to(device).eval()
+        sources = prepare_sources(cfg, tokenizer, log=lambda _: None)
+        metrics = validation_metrics(LossModel(model, cfg.train.loss_impl), [(s.name, s.valid) for s in sources],
+                                     seq_len=cfg.train.seq_len, batch_size=cfg.eval.batch_size,
+                                     pad_id=tokenizer.pad_token_id, device=device,
+                                     max_tokens=cfg.eval.max_valid_tokens)
+        for task in cfg.eval.tasks:
+            for key, value in run_task(task, model, tokenizer, base_dir=Path(cfg.base_dir), device=device,
+                                       batch_size=cfg.eval.batch_size).items():
+                metrics[f"task/{task.name}/{key}"] = value
+        results[name] = metrics
+        del model
+    return results
+
+
+def print_comparison(results: dict[str, dict[str, float]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    names = list(results)
+    keys = sorted({k for m in results.values() for k in m})
+    table = Table(title="keepmix eval", show_lines=False)
+    table.add_column("metric")
+    for i, name in enumerate(names):
+        table.add_column(name if i == 0 else f"{name} (Δ)", justify="right")
+    for key in keys:
+        first = results[names[0]].get(key)
+        cells = []
+        for i, name in enumerate(names):
+            value = results[name].get(key)
+            if value is None:
+                cells.append("—")
+            elif i == 0 or first is None:
+                cells.append(f"{value:.4g}")
+            else:
+                cells.append(f"{value:.4g} ({value - first:+.3g})")
+        table.add_row(key, *cells)
+    Console().print(table)

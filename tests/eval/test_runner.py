@@ -1,0 +1,24 @@
+"""`keepmix eval`: the same metrics as a run's evals, for several models side by side."""
+
+from __future__ import annotations
+
+import pytest
+
+from keepmix.eval.runner import evaluate, print_comparison
+from keepmix.train.loop import train
+from tests.conftest import train_records
+
+
+def test_eval_matches_the_runs_own_evals(make_run, capsys):
+    config = make_run(train={"steps": 4, "checkpoint_every": 4}, eval={"every": None})
+    train(config, progress="quiet")
+    run_dir = config.parent / "out"
+    results = evaluate(config, models=["base", str(run_dir / "final")])
+    evals = train_records(run_dir, "eval")
+    for key, value in evals[0]["metrics"].items():  # step 0 = the base model
+        assert results["base"][key] == pytest.approx(value, rel=1e-5), key
+    for key, value in evals[-1]["metrics"].items():  # the end = final/
+        assert results[str(run_dir / "final")][key] == pytest.approx(value, rel=1e-5), key
+    print_comparison(results)
+    out = capsys.readouterr().out
+    assert "valid/general/token_acc" in out and "(Δ)" in out
