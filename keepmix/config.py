@@ -124,7 +124,7 @@ class TrainConfig(_Strict):
     seq_len: int = Field(512, gt=1, description="Tokens per packed row.")
     batch_size: int = Field(16, gt=0, description="Rows per optimizer step (global, all processes).")
     micro_batch_size: int | None = Field(
-        None, gt=0, description="Rows per forward pass; batch_size / micro_batch_size accumulation steps."
+        None, gt=0, description="Rows per forward pass on each process (gradient accumulation makes up the rest)."
     )
     steps: int = Field(1000, gt=0, description="Optimizer steps.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
@@ -283,7 +283,7 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
             f"mixture.floor: floors sum to {sum(floors):.3f} over {len(floors)} sources; they must sum to <= 1"
         )
     t = cfg.train
-    if t.micro_batch_size and t.batch_size % t.micro_batch_size:
+    if t.micro_batch_size and t.batch_size % t.micro_batch_size:  # per process; checked again at launch
         problems.append(
             f"train.micro_batch_size: must divide train.batch_size ({t.batch_size}); got {t.micro_batch_size}"
         )

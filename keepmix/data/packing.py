@@ -98,7 +98,7 @@ class Rows:
     position_ids: torch.Tensor  # (B, T) long
     segment_ids: torch.Tensor  # (B, T) long, index into `segments`, -1 on padding
     sources: torch.Tensor  # (B,) long, source index of each row
-    segments: list[tuple[int, Segment]]  # (source index, segment), in row order
+    segments: list[tuple[int, int, Segment]]  # (row in this batch, source index, segment), in order
 
     @property
     def real_tokens(self) -> int:
@@ -124,7 +124,7 @@ def build_rows(plans: list[RowPlan], docs: list[TokenDocs], seq_len: int, pad_id
             labels[r, col : end - 1] = np.where(mask[1:], toks[1:], -100)
             position_ids[r, col:end] = np.arange(seg.length)
             segment_ids[r, col:end] = len(segments)
-            segments.append((plan.source, seg))
+            segments.append((r, plan.source, seg))
             col = end
         position_ids[r, col:] = np.arange(seq_len - col)  # padding is its own sequence
     return Rows(

@@ -22,7 +22,7 @@ from keepmix.data.build import build_sampler, prepare_sources
 from keepmix.data.packing import build_rows
 from keepmix.data.mixture import rows_for_rank
 from keepmix.diagnostics.exposures import ExposureWriter
-from keepmix.errors import NonFiniteLossError
+from keepmix.errors import KeepmixError, NonFiniteLossError
 from keepmix.eval.lm import validation_metrics
 from keepmix.model import save_final
 from keepmix.train.forward import LossModel, RowStats, run_rows
@@ -71,12 +71,15 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
             exposures.truncate_after(loaded)
     pad_id = s.tokenizer.pad_token_id
     valid = [(src.name, src.valid) for src in sources]
-    micro = cfg.micro_batch() // acc.num_processes or 1
+    rank, world = acc.process_index, acc.num_processes
+    if t.batch_size % world:
+        raise KeepmixError(f"train.batch_size ({t.batch_size}) must be divisible by the {world} processes")
+    micro = t.micro_batch_size or t.batch_size // world  # rows per forward pass, per process
 
     def evaluate() -> None:
         metrics = validation_metrics(loss_model, valid, seq_len=t.seq_len, batch_size=cfg.eval.batch_size,
                                      pad_id=pad_id, device=acc.device, max_tokens=cfg.eval.max_valid_tokens,
-                                     rank=acc.process_index, world_size=acc.num_processes, reduce=acc.reduce)
+                                     rank=rank, world_size=world, reduce=acc.reduce)
         metrics.update(s.run_tasks())
         s.log_eval(metrics)
 
@@ -91,7 +94,7 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
             s.log({"kind": "epoch", "source": names[src], "epoch": p, "step": state.step + 1})
         global_rows = build_rows(plans, train_docs, t.seq_len, pad_id)
         n_targets = int((global_rows.labels != -100).sum())
-        local = rows_for_rank(plans, acc.process_index, acc.num_processes)
+        local = rows_for_rank(plans, rank, world)
         lr = scheduler.get_last_lr()[0]
         # ---- forward / backward over micro-batches (gradient accumulation) ---------------------------
         stats = RowStats(len(sources))
@@ -100,7 +103,7 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
         for i in range(0, len(local), micro):
             rows = build_rows(local[i : i + micro], train_docs, t.seq_len, pad_id)
             # each target weighs 1/targets of the whole global batch; DDP averages over processes
-            weights = (rows.labels.reshape(-1) != -100).float() * (acc.num_processes / max(n_targets, 1))
+            weights = (rows.labels.reshape(-1) != -100).float() * (world / max(n_targets, 1))
             last = i + micro >= len(local)
             sync = contextlib.nullcontext() if last else acc.no_sync(loss_model)
             with sync, acc.autocast():
@@ -108,7 +111,8 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
                 acc.backward(loss)
             step_loss += loss.detach()
             stats.add(rows, token_loss, token_correct)
-            segments += rows.segments
+            # (global row, source, segment): local row i+r of this process is global row rank + (i+r)*world
+            segments += [(rank + (i + r) * world, src, seg) for r, src, seg in rows.segments]
             state.micro_step += 1
         # ---- non-finite guard, clip, update -------------------------------------------------------
         if t.grad_clip is not None:

@@ -120,10 +120,11 @@ class Session:
                     f"cannot resume {latest}: it was written by {saved_world} process(es), this run has "
                     f"{self.accelerator.num_processes}; resume with the same number of processes"
                 )
+        self.accelerator.wait_for_everyone()  # every process has checked before the main one writes
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, self.run_dir / "config.yaml")
-            self._truncate_metrics(ckpt.latest_checkpoint(self.ckpt_root))
+            self._truncate_metrics(latest)
         return latest
 
     def _truncate_metrics(self, latest: Path | None) -> None:
@@ -198,30 +199,46 @@ class Session:
             self.progress.train(record)
 
     def add_exposures(self, writer, segments: list, stats, names: list[str], lr: float) -> None:
-        if writer is None or not segments:
+        """One row per (document segment, training row) of this step, in global row order."""
+        loss = torch.cat(stats.segment_loss).tolist() if segments else []
+        tokens = torch.cat(stats.segment_tokens).tolist() if segments else []
+        local = [(row, src, seg.doc_id, seg.view, l, int(n))
+                 for (row, src, seg), l, n in zip(segments, loss, tokens)]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            local = gather_object(local)
+        if writer is None or not local:
             return
-        loss = torch.cat(stats.segment_loss).numpy()
-        tokens = torch.cat(stats.segment_tokens).numpy()
+        local.sort(key=lambda x: x[0])  # stable: segments keep their order within a row
+        _, src, doc, view, loss_sum, n = map(list, zip(*local))
+        n = np.asarray(n, dtype=np.int32)
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(tokens > 0, loss / np.maximum(tokens, 1), np.nan)
-        writer.add(self.state.step, [names[src] for src, _ in segments], [seg.doc_id for _, seg in segments],
-                   [seg.view for _, seg in segments], lr, mean, tokens.astype(np.int32))
+            mean = np.where(n > 0, np.asarray(loss_sum) / np.maximum(n, 1), np.nan)
+        writer.add(self.state.step, [names[i] for i in src], doc, view, lr, mean, n)
 
     def run_tasks(self) -> dict[str, float]:
+        """Task metrics, computed by the main process and shared with the others."""
         if not self._tasks:
             return {}
         from keepmix.eval.tasks import run_task
 
-        model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
         out = {}
-        for task in self._tasks:
-            for key, value in run_task(task, model, self.tokenizer, base_dir=Path(self.cfg.base_dir),
-                                       device=self.accelerator.device).items():
-                out[f"task/{task.name}/{key}"] = value
-        if was_training:
-            model.train()
+        if self.main:
+            model = self.accelerator.unwrap_model(self.model)
+            was_training = model.training
+            model.eval()
+            for task in self._tasks:
+                for key, value in run_task(task, model, self.tokenizer, base_dir=Path(self.cfg.base_dir),
+                                           device=self.accelerator.device,
+                                           batch_size=self.cfg.eval.batch_size).items():
+                    out[f"task/{task.name}/{key}"] = value
+            if was_training:
+                model.train()
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            out = broadcast_object_list([out])[0]
         return out
 
     def log_eval(self, metrics: dict[str, float]) -> None:
