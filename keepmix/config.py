@@ -95,6 +95,10 @@ class SourceConfig(_Strict):
         "error", description="Malformed rows: stop with file:line, or skip, count and report them."
     )
     floor: float | None = Field(None, ge=0, le=1, description="This source's minimum share.")
+    streaming: bool = Field(
+        False, description="Read and tokenize record by record into memory-mapped shards (corpora larger "
+        "than memory); the first valid_docs records are held out."
+    )
 
 
 class SchedulePoint(_Strict):
@@ -298,6 +302,11 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
                 problems.append(f"sources[{i}].{field}: file not found: {resolved}")
         if isinstance(s.valid_docs, float) and not s.valid_docs < 1:
             problems.append(f"sources[{i}].valid_docs: a fraction must be < 1 (got {s.valid_docs})")
+        if s.streaming and not isinstance(s.valid_docs, int):
+            problems.append(f"sources[{i}].valid_docs: a streaming source holds out a count of documents "
+                            f"(the first N), not a fraction (got {s.valid_docs})")
+        if s.streaming and s.quality_field:
+            problems.append(f"sources[{i}].quality_field: not supported with streaming: true")
         if s.loss_on == "completion" and s.format == "text":
             problems.append(f"sources[{i}].loss_on: 'completion' needs format chat or prompt_completion")
     m = cfg.model

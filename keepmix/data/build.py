@@ -16,8 +16,8 @@ import numpy as np
 from keepmix.config import RunConfig
 from keepmix.data.mixture import MixtureSampler, QualitySchedule, Schedule
 from keepmix.data.packing import DocStream
-from keepmix.data.sources import describe_skipped, load_source
-from keepmix.data.tokenize import TokenDocs, cached_tokenize, default_cache_dir
+from keepmix.data.sources import describe_skipped, iter_canonical_docs, load_source, stream_fingerprint
+from keepmix.data.tokenize import TokenDocs, cached_tokenize, default_cache_dir, streamed_tokenize
 
 
 @dataclass
@@ -34,6 +34,9 @@ def prepare_sources(cfg: RunConfig, tokenizer, log=print) -> list[PreparedSource
     cache_dir = Path(cfg.resolve_local(cfg.cache_dir)) if cfg.cache_dir else default_cache_dir()
     out = []
     for s in cfg.sources:
+        if s.streaming:
+            out.append(_prepare_streaming(cfg, s, tokenizer, cache_dir, log))
+            continue
         docs = load_source(
             s.name, cfg.resolve(s.path), format=s.format,
             fields={"text": s.text_field, "messages": s.messages_field, "prompt": s.prompt_field,
@@ -50,6 +53,23 @@ def prepare_sources(cfg: RunConfig, tokenizer, log=print) -> list[PreparedSource
                                        key=docs.fingerprint + "/valid", cache_dir=cache_dir, where=f"source {s.name}")
         out.append(PreparedSource(s.name, train, valid, docs.train_quality, docs.skipped, hit_t and hit_v))
     return out
+
+
+def _prepare_streaming(cfg: RunConfig, s, tokenizer, cache_dir: Path, log) -> PreparedSource:
+    fields = {"text": s.text_field, "messages": s.messages_field, "prompt": s.prompt_field,
+              "completion": s.completion_field}
+    path = cfg.resolve(s.path)
+    skipped: list[str] = []
+    docs = iter_canonical_docs(path, format=s.format, fields=fields, hf_config=s.hf_config, hf_split=s.hf_split,
+                               on_bad_row=s.on_bad_row, skipped=skipped)
+    key = stream_fingerprint(path, format=s.format, fields=fields, hf_config=s.hf_config, hf_split=s.hf_split,
+                             valid_docs=int(s.valid_docs), max_docs=s.max_docs)
+    train, valid, hit = streamed_tokenize(docs, tokenizer, fmt=s.format, loss_on=s.loss_on, key=key,
+                                          cache_dir=cache_dir, valid_docs=int(s.valid_docs), max_docs=s.max_docs,
+                                          where=f"source {s.name}")
+    if skipped:
+        log(f"source {s.name}: {describe_skipped(skipped)}")
+    return PreparedSource(s.name, train, valid, None, skipped, hit)
 
 
 def build_schedule(cfg: RunConfig, sources: list[PreparedSource]) -> Schedule:

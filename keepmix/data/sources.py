@@ -115,6 +115,82 @@ def read_located_records(
     return _read_hf(path, hf_config=hf_config, hf_split=hf_split)
 
 
+def iter_located_records(path: str, *, hf_config: str | None = None, hf_split: str | None = None,
+                         on_bad_row: str = "error", skipped: list[str] | None = None):
+    """(record, location) one at a time, never holding the whole source: for corpora larger than memory.
+
+    JSONL is read line by line, Parquet batch by batch, hub datasets with `streaming=True`; other kinds
+    fall back to `read_located_records`. Skipped rows are appended to `skipped`.
+    """
+    local = Path(path)
+    suffix = local.suffix.lower()
+    if local.is_file() and suffix in (".jsonl", ".ndjson"):
+        with local.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                where = f"{local}:{lineno}"
+                try:
+                    row = json.loads(raw)
+                    if not isinstance(row, dict):
+                        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+                except (ValueError, UnicodeDecodeError) as err:
+                    msg = f"{where}: malformed row ({err})"
+                    if on_bad_row == "error":
+                        raise KeepmixError(msg + "; fix it, or set on_bad_row: skip for this source") from None
+                    if skipped is not None:
+                        skipped.append(msg)
+                    continue
+                yield row, where
+    elif local.is_file() and suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        i = 0
+        for batch in pq.ParquetFile(local).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield row, f"{local}#{i}"
+                i += 1
+    elif not local.exists():
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(path, hf_config, split=hf_split or "train", streaming=True)
+        except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
+            raise KeepmixError(f"{path}: could not stream the dataset ({type(err).__name__}: {err})") from None
+        for i, row in enumerate(ds):
+            yield row, f"hub:{path}[{hf_split or 'train'}]#{i}"
+    else:
+        records = read_located_records(path, hf_config=hf_config, hf_split=hf_split, on_bad_row=on_bad_row)
+        if skipped is not None:
+            skipped.extend(records.skipped)
+        yield from zip(records.rows, records.locations)
+
+
+def iter_canonical_docs(path: str, *, format: str = "text", fields: dict[str, str] | None = None,
+                        hf_config: str | None = None, hf_split: str = "train", on_bad_row: str = "error",
+                        skipped: list[str]):
+    """Canonical documents of a streamed source, one at a time (bad rows per `on_bad_row`)."""
+    fields = {"text": "text", "messages": "messages", "prompt": "prompt", "completion": "completion", **(fields or {})}
+    for row, where in iter_located_records(path, hf_config=hf_config, hf_split=hf_split, on_bad_row=on_bad_row,
+                                           skipped=skipped):
+        try:
+            yield _canonical(row, format, fields)
+        except ValueError as err:
+            msg = f"{where}: {err}"
+            if on_bad_row == "error":
+                raise KeepmixError(msg + "; fix it, or set on_bad_row: skip for this source") from None
+            skipped.append(msg)
+
+
+def stream_fingerprint(path: str, *, format: str, fields: dict, hf_config: str | None, hf_split: str,
+                       valid_docs: int, max_docs: int | None) -> str:
+    """Identifies a streamed source without reading it: local files by size and mtime, hub ids by name."""
+    local = Path(path)
+    stat = [local.stat().st_size, local.stat().st_mtime_ns] if local.exists() else [hf_config, hf_split]
+    blob = json.dumps([str(local.resolve()) if local.exists() else path, stat, format, fields, valid_docs, max_docs])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
 def read_records(path: str, *, hf_split: str | None = None, hf_config: str | None = None) -> list[dict]:
     """Plain records (e.g. evaluation items); malformed rows are errors naming file and line."""
     return read_located_records(path, hf_config=hf_config, hf_split=hf_split).rows

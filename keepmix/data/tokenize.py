@@ -154,3 +154,74 @@ def cached_tokenize(
     np.savez(tmp, tokens=result.tokens, offsets=result.offsets, loss_mask=result.loss_mask)
     os.replace(tmp, path)
     return result, False
+
+
+class _ShardWriter:
+    """Appends token documents to flat files on disk, so memory holds one batch of documents at a time."""
+
+    def __init__(self, folder: Path, split: str):
+        self.folder, self.split = folder, split
+        self.tokens = open(folder / f"{split}.tokens", "wb")
+        self.mask = open(folder / f"{split}.mask", "wb")
+        self.offsets = [0]
+
+    def add(self, docs: TokenDocs) -> None:
+        self.tokens.write(docs.tokens.astype(np.int32).tobytes())
+        self.mask.write(docs.loss_mask.astype(bool).tobytes())
+        self.offsets.extend((docs.offsets[1:] + self.offsets[-1]).tolist())
+
+    def close(self) -> None:
+        self.tokens.close()
+        self.mask.close()
+        np.save(self.folder / f"{self.split}.offsets.npy", np.asarray(self.offsets, dtype=np.int64))
+
+
+def _open_shards(folder: Path, split: str) -> TokenDocs:
+    offsets = np.load(folder / f"{split}.offsets.npy")
+    n = int(offsets[-1])
+    if n == 0:
+        return TokenDocs(np.zeros(0, np.int32), offsets, np.zeros(0, bool))
+    return TokenDocs(np.memmap(folder / f"{split}.tokens", dtype=np.int32, mode="r", shape=(n,)), offsets,
+                     np.memmap(folder / f"{split}.mask", dtype=bool, mode="r", shape=(n,)))
+
+
+def streamed_tokenize(docs, tokenizer, *, fmt: str, loss_on: str, key: str, cache_dir: Path | None,
+                      valid_docs: int, max_docs: int | None = None, batch: int = 1000,
+                      where: str = "") -> tuple[TokenDocs, TokenDocs, bool]:
+    """Tokenize an iterator of documents into memory-mapped shards (train, held-out, cache_hit).
+
+    The first `valid_docs` documents are held out. The shards live in the token cache, published by
+    rename when complete, so an interrupted tokenization is redone rather than half-used.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    digest = hashlib.sha256(json.dumps([CACHE_VERSION, "stream", key, tokenizer_fingerprint(tokenizer), fmt,
+                                        loss_on, valid_docs, max_docs]).encode()).hexdigest()[:32]
+    folder = root / f"{digest}.shards"
+    if (folder / "train.offsets.npy").exists():
+        return _open_shards(folder, "train"), _open_shards(folder, "valid"), True
+    tmp = root / f".{digest}.tmp{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    writers = {"valid": _ShardWriter(tmp, "valid"), "train": _ShardWriter(tmp, "train")}
+    pending, count = [], 0
+
+    def flush(split: str) -> None:
+        if pending:
+            writers[split].add(tokenize_docs(pending, tokenizer, fmt=fmt, loss_on=loss_on, where=where))
+            pending.clear()
+
+    for doc in docs:
+        if max_docs is not None and count >= max_docs:
+            break
+        pending.append(doc)
+        count += 1
+        if count == valid_docs:
+            flush("valid")
+        elif len(pending) >= batch:
+            flush("valid" if count <= valid_docs else "train")
+    flush("valid" if count <= valid_docs else "train")
+    for w in writers.values():
+        w.close()
+    if count <= valid_docs:
+        raise KeepmixError(f"{where}: only {count} documents, all held out (valid_docs: {valid_docs})")
+    os.replace(tmp, folder)
+    return _open_shards(folder, "train"), _open_shards(folder, "valid"), False

@@ -247,9 +247,10 @@ class Session:
         st = self.state
         if st.step == 0:
             st.baseline = dict(metrics)
-        per_task = {f"task/{t.name}/": t.tolerance for t in self._tasks if getattr(t, "tolerance", None) is not None}
-        per_metric = {k: tol for k in metrics for prefix, tol in per_task.items() if k.startswith(prefix)}
-        retention = compute_retention(st.baseline, metrics, self.cfg.eval.retention_tolerance, per_metric)
+        from keepmix.eval.tasks import task_tolerances
+
+        retention = compute_retention(st.baseline, metrics, self.cfg.eval.retention_tolerance,
+                                      task_tolerances(self._tasks))
         self.last_metrics, self.last_retention = metrics, retention
         record = {"kind": "eval", "step": st.step, "tokens_seen": st.tokens_seen, "time": round(self.now(), 3),
                   "metrics": metrics, "retention": retention}

@@ -116,3 +116,22 @@ def test_metrics_lines_are_json(make_run):
     train(config, progress="quiet")
     for line in (config.parent / "out" / "metrics.jsonl").read_text().splitlines():
         assert isinstance(json.loads(line), dict)
+
+
+def test_tasks_run_at_baseline_during_training_and_in_retention(make_run):
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[2] / "examples" / "tasks"
+    tasks = [
+        {"name": "mc", "kind": "multiple_choice", "path": str(examples / "general_choice.jsonl"), "limit": 4},
+        {"name": "sql", "kind": "sql_execution", "path": str(examples / "shop_sql.jsonl"),
+         "database": str(examples / "shop.sqlite"), "max_new_tokens": 8, "limit": 4, "tolerance": 0.5},
+    ]
+    config = make_run(train={"steps": 4, "checkpoint_every": 4}, eval={"every": 2, "tasks": tasks})
+    result = train(config, progress="quiet")
+    evals = train_records(config.parent / "out", "eval")
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    for e in evals:
+        assert {"task/mc/acc", "task/mc/acc_norm", "task/sql/acc", "task/sql/n"} <= set(e["metrics"])
+    assert result.retention["task/sql/acc"]["tolerance"] == 0.5  # the task's own tolerance
+    assert result.retention["task/mc/acc"]["baseline"] == evals[0]["metrics"]["task/mc/acc"]

@@ -1,0 +1,136 @@
+"""Retention: every metric now against the baseline (the model before its first step), flagged past a tolerance.
+
+Contract:
+  - Direction comes from the metric name: a name whose last path part is `loss` or `ppl` is
+    lower-is-better; every other metric is higher-is-better. Counts (last part `n`) are skipped, and so
+    are metrics missing from either side.
+  - Tolerance is absolute for higher-is-better metrics (0.02 = 2 points of accuracy) and relative for
+    loss/ppl (0.02 = 2 % worse than the baseline).
+  - `flagged` = the metric got worse by more than its tolerance. A metric that became non-finite
+    (NaN/inf) while its baseline was finite is flagged.
+  - `per_metric_tolerance` overrides the tolerance for a metric key, or for every metric under a path
+    prefix ("task/sql" covers "task/sql/acc"); the longest matching key wins.
+Each entry is {baseline, now, delta (now - baseline), higher_is_better, tolerance, flagged}, the
+`retention` field of an eval record in metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import math
+
+from rich.table import Table
+
+LOWER_IS_BETTER = {"loss", "ppl"}
+SKIPPED = {"n"}
+_EPS = 1e-9
+
+
+def _last_part(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
+
+
+def higher_is_better(key: str) -> bool:
+    """False for metrics whose last path part is `loss` or `ppl`, True otherwise."""
+    return _last_part(key) not in LOWER_IS_BETTER
+
+
+def _tolerance_for(key: str, tolerance: float, overrides: dict[str, float]) -> float:
+    best, best_len = tolerance, -1
+    for prefix, value in overrides.items():
+        matches = key == prefix or key.startswith(prefix.rstrip("/") + "/")
+        if matches and len(prefix) > best_len:
+            best, best_len = value, len(prefix)
+    return best
+
+
+def worsening(entry: dict) -> float:
+    """How much worse the metric got, in the unit its tolerance uses (points, or a fraction of baseline)."""
+    baseline, now = entry["baseline"], entry["now"]
+    if not math.isfinite(now):
+        return math.inf if math.isfinite(baseline) else 0.0
+    if entry["higher_is_better"]:
+        return baseline - now
+    return (now - baseline) / abs(baseline) if baseline else (math.inf if now > baseline else 0.0)
+
+
+def compute_retention(
+    baseline: dict[str, float],
+    now: dict[str, float],
+    tolerance: float,
+    per_metric_tolerance: dict[str, float] | None = None,
+) -> dict[str, dict]:
+    """Per-metric {baseline, now, delta, higher_is_better, tolerance, flagged}; see the module doc."""
+    overrides = per_metric_tolerance or {}
+    out = {}
+    for key in sorted(baseline):
+        if key not in now or _last_part(key) in SKIPPED:
+            continue
+        b, n = float(baseline[key]), float(now[key])
+        entry = {
+            "baseline": b,
+            "now": n,
+            "delta": n - b,
+            "higher_is_better": higher_is_better(key),
+            "tolerance": _tolerance_for(key, tolerance, overrides),
+        }
+        # The epsilon keeps 0.50 -> 0.48 at tolerance 0.02 within it despite binary floating point.
+        entry["flagged"] = bool(worsening(entry) > entry["tolerance"] + _EPS)
+        out[key] = entry
+    return out
+
+
+def _tolerance_text(entry: dict) -> str:
+    tol = entry["tolerance"]
+    return f"{tol:g}" if entry["higher_is_better"] else f"{tol * 100:g} %"
+
+
+def format_retention_table(retention: dict[str, dict]) -> Table:
+    """A rich table: metric, baseline, now, delta, tolerance and whether it is flagged."""
+    table = Table(title="Retention vs baseline")
+    table.add_column("metric")
+    for name in ("baseline", "now", "delta"):
+        table.add_column(name, justify="right")
+    table.add_column("tolerance", justify="right")
+    table.add_column("status")
+    for key, e in retention.items():
+        better = "↑" if e["higher_is_better"] else "↓"
+        status = "[bold red]FLAGGED[/]" if e["flagged"] else "[green]ok[/]"
+        numbers = (f"{e['baseline']:.3f}", f"{e['now']:.3f}", f"{e['delta']:+.3f}")
+        table.add_row(f"{key} {better}", *numbers, _tolerance_text(e), status)
+    return table
+
+
+def _gain_text(key: str, e: dict) -> str:
+    return f"{key.removeprefix('task/')} {e['baseline']:.2f} → {e['now']:.2f} ({e['delta']:+.2f})"
+
+
+def summary_line(retention: dict[str, dict], task_metrics: list[str]) -> str:
+    """One line: the task gain(s), then the retention metric that got worst, relative to its tolerance.
+
+    `task_metrics` are the retention keys of the metrics being trained for (e.g. ["task/sql/acc"]);
+    the worst retention is taken over all other metrics.
+    """
+    gains = [_gain_text(k, retention[k]) for k in task_metrics if k in retention]
+    parts = ["task: " + (", ".join(gains) if gains else "none")]
+    others = {k: e for k, e in retention.items() if k not in task_metrics}
+    if not others:
+        return " · ".join(parts + ["worst retention: none"])
+
+    def badness(item):
+        _, e = item
+        w = worsening(e)
+        if math.isnan(w):  # a NaN baseline says nothing about forgetting; rank it last
+            return -math.inf
+        return w / e["tolerance"] if e["tolerance"] > 0 else w
+
+    key, e = max(others.items(), key=badness)
+    verdict = "past" if e["flagged"] else "within"
+    if not math.isfinite(e["now"]):
+        change = f"became {e['now']}, {verdict} {_tolerance_text(e)}"
+    elif e["higher_is_better"]:
+        change = f"{e['delta']:+.3f}, {verdict} {_tolerance_text(e)}"
+    else:
+        rel = e["delta"] / abs(e["baseline"]) * 100 if e["baseline"] else math.inf
+        change = f"{e['delta']:+.3f} = {rel:+.1f} %, {verdict} {_tolerance_text(e)}"
+    parts.append(f"worst retention: {key} {e['baseline']:.3f} → {e['now']:.3f} ({change})")
+    return " · ".join(parts)

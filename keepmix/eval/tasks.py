@@ -1,0 +1,269 @@
+"""Task evaluators as configured under `eval.tasks`, and `run_task` that runs one of them.
+
+Contract: `TaskConfig` is the union of the task kinds, told apart by `kind` (the config wraps it in a
+discriminator on that field): `multiple_choice`, `generation`, `sql_execution`. (The `token_accuracy`
+figures come from the training loop's validation pass, not from here.) Unknown keys are errors.
+`run_task` reads the task's items (`keepmix.data.sources.read_records`), keeps the first `limit`,
+checks every item — a missing or mistyped field, or a gold index out of range, is a `KeepmixError`
+naming the file, the item index (0-based position among the items read) and the field — and returns the
+task's metrics without the `task/<name>/` prefix:
+  multiple_choice  {acc, acc_norm, acc_bytes, n}
+  generation       {exact_match, n}
+  sql_execution    {acc, acc/<group>..., n}
+Relative paths (items, database) resolve against `base_dir`, the config file's folder; a path that is
+not found there and does not look like a file stays as it is (a hub dataset id). The batch size is the
+task's own `batch_size`, else the `batch_size` argument (the eval-wide one), else 8.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from keepmix.errors import KeepmixError
+
+# keepmix.config imports this module to validate configs: the evaluators (torch, transformers) are
+# imported where they run, so that loading a config stays fast.
+if TYPE_CHECKING:
+    import torch
+
+    from keepmix.eval.choice import MCItem
+    from keepmix.eval.generate import GenItem
+    from keepmix.eval.sql import SQLItem
+
+DEFAULT_BATCH_SIZE = 8
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_LOCAL_SUFFIXES = {".jsonl", ".ndjson", ".json", ".parquet", ".sqlite", ".sqlite3", ".db"}
+
+
+class _Task(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Task name (letters, digits, _ . -); its metrics are task/<name>/<metric>.")
+    path: str = Field(
+        description="Items: a JSONL / JSON / Parquet file, a dataset saved with save_to_disk, or a hub dataset id."
+    )
+    hf_config: str | None = Field(None, description="Hub dataset configuration name.")
+    hf_split: str | None = Field(None, description="Dataset split to read (hub or saved datasets).")
+    limit: int | None = Field(None, gt=0, description="Evaluate only the first N items.")
+    batch_size: int | None = Field(
+        None, gt=0, description="Sequences per forward pass / generate call (default: eval.batch_size)."
+    )
+    tolerance: float | None = Field(
+        None, ge=0, description="Retention tolerance for this task's metrics (default: eval.retention_tolerance)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _metric_safe(cls, value: str) -> str:
+        if not _NAME.fullmatch(value):
+            raise ValueError("use only letters, digits, '_', '.' and '-' (the name becomes part of metric keys)")
+        return value
+
+
+class _GeneratingTask(_Task):
+    prompt_field: str = Field("prompt", description="Field holding the prompt.")
+    max_new_tokens: int = Field(64, gt=0, description="Most tokens generated per item.")
+    stop: list[str] = Field(
+        default_factory=lambda: ["\n"], description="Generation stops at (and before) any of these."
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        if any(s == "" for s in value):
+            raise ValueError("stop sequences must be non-empty strings")
+        return value
+
+
+class MultipleChoiceTask(_Task):
+    """Pick the choice with the highest log-likelihood given the context (lm-evaluation-harness rules)."""
+
+    kind: Literal["multiple_choice"] = Field(description="Score choices by log-likelihood.")
+    context_field: str = Field("context", description="Field holding the context (question) text.")
+    choices_field: str = Field("choices", description="Field holding the list of choice strings.")
+    gold_field: str = Field("gold", description="Field holding the index of the right choice (0-based).")
+    target_delimiter: str = Field(" ", description="Text between the context and each choice.")
+
+
+class GenerationTask(_GeneratingTask):
+    """Greedy generation scored by exact match after normalization."""
+
+    kind: Literal["generation"] = Field(description="Generate and compare with the answer.")
+    answer_field: str = Field("answer", description="Field holding the expected answer.")
+    lowercase: bool = Field(False, description="Compare case-insensitively (after strip + whitespace collapse).")
+    regex: str | None = Field(
+        None, description="Extract the answer from the generation: the first match's first group (or whole match)."
+    )
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"not a valid regular expression ({err})") from None
+        return value
+
+
+class SQLExecutionTask(_GeneratingTask):
+    """Generate SQL and compare its result rows with the gold query's on a read-only SQLite database."""
+
+    kind: Literal["sql_execution"] = Field(description="Execute generated SQL against a database.")
+    sql_field: str = Field("sql", description="Field holding the gold SQL query.")
+    group_field: str = Field("group", description="Optional field grouping items (reported as acc/<group>).")
+    database: str = Field(description="SQLite database file the queries run against (never modified).")
+    max_new_tokens: int = Field(128, gt=0, description="Most tokens generated per item.")
+    stop: list[str] = Field(
+        default_factory=lambda: [";", "\n\n"], description="Generation stops at (and before) any of these."
+    )
+    timeout_s: float = Field(5.0, gt=0, description="Time limit of each query, in seconds.")
+    max_rows: int = Field(10_000, gt=0, description="A query returning more rows than this counts as failed.")
+
+
+TaskConfig = MultipleChoiceTask | GenerationTask | SQLExecutionTask
+
+
+def resolve_path(path: str, base_dir: Path) -> str:
+    """`path` against `base_dir` when it is relative and local; a hub id stays as it is."""
+    p = Path(os.path.expanduser(path))
+    if p.is_absolute():
+        return str(p)
+    candidate = Path(base_dir) / p
+    if candidate.exists() or path.startswith((".", "/")) or p.suffix.lower() in _LOCAL_SUFFIXES:
+        return str(candidate.resolve())
+    return path
+
+
+def task_tolerances(tasks: list[TaskConfig]) -> dict[str, float]:
+    """Per-task retention overrides, keyed by metric prefix, for `compute_retention`."""
+    return {f"task/{t.name}": t.tolerance for t in tasks if t.tolerance is not None}
+
+
+def _field(row: dict, name: str, where: str, types: tuple, what: str):
+    if name not in row:
+        raise KeepmixError(f"{where}: missing field {name!r} (fields: {', '.join(map(str, row)) or 'none'})")
+    value = row[name]
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise KeepmixError(f"{where}: field {name!r} must be {what}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def mc_items(rows: list[dict], task: MultipleChoiceTask, source: str) -> list[MCItem]:
+    """Validated multiple-choice items; errors name `source`, the item index and the field."""
+    from keepmix.eval.choice import MCItem
+
+    items = []
+    for i, row in enumerate(rows):
+        where = f"{source}: item {i}"
+        context = _field(row, task.context_field, where, (str,), "a string")
+        choices = _field(row, task.choices_field, where, (list, tuple), "a list of strings")
+        if len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise KeepmixError(
+                f"{where}: field {task.choices_field!r} must list at least 2 non-empty strings, got {choices!r}"
+            )
+        gold = _field(row, task.gold_field, where, (int,), "an integer index into the choices")
+        if not 0 <= gold < len(choices):
+            raise KeepmixError(
+                f"{where}: field {task.gold_field!r} is {gold}, out of range for {len(choices)} choices "
+                f"(expected 0..{len(choices) - 1})"
+            )
+        items.append(MCItem(context, tuple(choices), gold))
+    return items
+
+
+def gen_items(rows: list[dict], task: GenerationTask, source: str) -> list[GenItem]:
+    """Validated generation items; a numeric answer is compared as its text."""
+    from keepmix.eval.generate import GenItem
+
+    items = []
+    for i, row in enumerate(rows):
+        where = f"{source}: item {i}"
+        prompt = _field(row, task.prompt_field, where, (str,), "a string")
+        answer = _field(row, task.answer_field, where, (str, int), "a string (or an integer)")
+        items.append(GenItem(prompt, str(answer)))
+    return items
+
+
+def sql_items(rows: list[dict], task: SQLExecutionTask, source: str) -> list[SQLItem]:
+    """Validated text-to-SQL items; the group field is optional per item."""
+    from keepmix.eval.sql import SQLItem
+
+    items = []
+    for i, row in enumerate(rows):
+        where = f"{source}: item {i}"
+        prompt = _field(row, task.prompt_field, where, (str,), "a string")
+        sql = _field(row, task.sql_field, where, (str,), "a string")
+        if not sql.strip():
+            raise KeepmixError(f"{where}: field {task.sql_field!r} is empty; expected the gold SQL query")
+        group = None
+        if row.get(task.group_field) is not None:
+            group = str(_field(row, task.group_field, where, (str, int), "a string"))
+        items.append(SQLItem(prompt, sql, group))
+    return items
+
+
+def run_task(
+    task: TaskConfig,
+    model,
+    tokenizer,
+    *,
+    base_dir: Path,
+    device: torch.device | str,
+    batch_size: int | None = None,
+) -> dict[str, float]:
+    """Metrics of `model` on one task, without the `task/<name>/` prefix (see the module doc)."""
+    from keepmix.data.sources import read_records
+    from keepmix.eval.choice import score_multiple_choice
+    from keepmix.eval.generate import score_generation
+    from keepmix.eval.sql import score_sql
+
+    source = resolve_path(task.path, base_dir)
+    rows = read_records(source, hf_split=task.hf_split, hf_config=task.hf_config)
+    if task.limit is not None:
+        rows = rows[: task.limit]
+    if not rows:
+        raise KeepmixError(f"task {task.name!r}: {source} holds no items")
+    bs = task.batch_size or batch_size or DEFAULT_BATCH_SIZE
+    if isinstance(task, MultipleChoiceTask):
+        items = mc_items(rows, task, source)
+        return score_multiple_choice(
+            model, tokenizer, items, batch_size=bs, device=device, target_delimiter=task.target_delimiter
+        )
+    if isinstance(task, GenerationTask):
+        items = gen_items(rows, task, source)
+        return score_generation(
+            model,
+            tokenizer,
+            items,
+            max_new_tokens=task.max_new_tokens,
+            stop=task.stop,
+            batch_size=bs,
+            device=device,
+            lowercase=task.lowercase,
+            regex=task.regex,
+        )
+    database = Path(resolve_path(task.database, base_dir))
+    if not database.is_file():
+        raise KeepmixError(f"task {task.name!r}: database: file not found: {database}")
+    items = sql_items(rows, task, source)
+    try:
+        return score_sql(
+            model,
+            tokenizer,
+            items,
+            database=database,
+            max_new_tokens=task.max_new_tokens,
+            stop=task.stop,
+            batch_size=bs,
+            device=device,
+            timeout_s=task.timeout_s,
+            max_rows=task.max_rows,
+        )
+    except KeepmixError as err:
+        raise KeepmixError(f"task {task.name!r} ({source}): {err}") from None
