@@ -52,6 +52,8 @@ def prepare_sources(cfg: RunConfig, tokenizer, log=print) -> list[PreparedSource
         valid, hit_v = cached_tokenize(docs.valid, tokenizer, fmt=s.format, loss_on=s.loss_on,
                                        key=docs.fingerprint + "/valid", cache_dir=cache_dir, where=f"source {s.name}")
         out.append(PreparedSource(s.name, train, valid, docs.train_quality, docs.skipped, hit_t and hit_v))
+        log(f"source {s.name}: {len(train)} train / {len(valid)} held-out documents, "
+            f"{int(train.lengths.sum())} tokens ({'token cache hit' if hit_t and hit_v else 'tokenized and cached'})")
     return out
 
 
@@ -69,6 +71,8 @@ def _prepare_streaming(cfg: RunConfig, s, tokenizer, cache_dir: Path, log) -> Pr
                                           where=f"source {s.name}")
     if skipped:
         log(f"source {s.name}: {describe_skipped(skipped)}")
+    log(f"source {s.name} (streaming): {len(train)} train / {len(valid)} held-out documents "
+        f"({'token cache hit' if hit else 'tokenized into shards'})")
     return PreparedSource(s.name, train, valid, None, skipped, hit)
 
 

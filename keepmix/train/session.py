@@ -183,6 +183,7 @@ class Session:
             "loss": float(totals["loss"].sum()) / max(n_tokens, 1.0),
             "token_acc": float(totals["correct"].sum()) / max(n_tokens, 1.0),
             "grad_norm": grad_norm, "tokens_per_s": tokens / max(seconds, 1e-9),
+            "packing": tokens / (self.cfg.train.batch_size * self.cfg.train.seq_len),
             "sources": {
                 name: {"loss": float(totals["loss"][i]) / max(float(totals["tokens"][i]), 1.0),
                        "token_acc": float(totals["correct"][i]) / max(float(totals["tokens"][i]), 1.0),
@@ -300,8 +301,11 @@ class Session:
         wall = self.now()
         record = {"kind": "end", "step": st.step, "tokens_seen": st.tokens_seen, "time": round(wall, 3),
                   "wall_s": round(wall, 3), "tokens_per_s": st.tokens_seen / max(wall, 1e-9), "status": status,
+                  "packing": st.tokens_seen / max(st.step * self.cfg.train.batch_size * self.cfg.train.seq_len, 1),
                   "final_dir": str(final_dir) if final_dir else None}
         self.log(record)
+        if self._trackers is not None:
+            self._trackers.finish()
         if self.main:
             self.progress.end(record)
 
