@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,9 +31,29 @@ def cmd_train(args) -> None:
 
     result = train(args.config, resume=args.resume, progress=_progress(args), overrides=_overrides(args.set),
                    stop_at=args.stop_at)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # one process reports
+    _print_retention(result)
     print(f"run directory: {result.run_dir}\nfinal model:   {result.final_dir or '(stopped early: resume with --resume)'}")
     if not args.no_report:
         _report([result.run_dir])
+
+
+def _print_retention(result) -> None:
+    from rich.console import Console
+
+    from keepmix.eval.retention import format_retention_table
+
+    if result.retention:
+        console = Console()
+        console.print(format_retention_table(result.retention))
+        end = [line for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "end"' in line]
+        if end:
+            import json
+
+            summary = json.loads(end[-1]).get("summary")
+            if summary:
+                console.print(summary, markup=False)
 
 
 def _report(run_dirs: list[Path]) -> None:

@@ -31,8 +31,10 @@ class LossModel(nn.Module):
         # position_ids mark and lets packed documents attend to each other.
         hidden = self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         fn = fused_linear_cross_entropy if self.loss_impl == "fused" else full_linear_cross_entropy
+        # about 64M float32 logits (256 MB) per chunk, whatever the vocabulary
+        chunk = min(max(2**26 // self.head.weight.shape[0], 128), 8192)
         return fn(hidden.reshape(-1, hidden.shape[-1]), self.head.weight, labels.reshape(-1),
-                  token_weights.reshape(-1), bias=self.head.bias)
+                  token_weights.reshape(-1), bias=self.head.bias, chunk_size=chunk)
 
 
 class RowStats:

@@ -296,13 +296,28 @@ class Session:
         return _lr_scheduler(optimizer, self.cfg.train)
 
     # ---- the end --------------------------------------------------------------------------------
+    def target_metrics(self) -> list[str]:
+        """What the run trains for: its tasks' scores, else the token accuracy of the source the schedule
+        ends heaviest on."""
+        tasks = [k for k in self.last_retention if k.startswith("task/") and not k.endswith("/n")]
+        if tasks:
+            return tasks
+        schedule = self.cfg.mixture.schedule
+        if not schedule:
+            return []
+        final = schedule[-1].weights
+        return [f"valid/{max(final, key=final.get)}/token_acc"]
+
     def finish(self, status: str, final_dir: Path | None = None) -> None:
+        from keepmix.eval.retention import summary_line
+
         st = self.state
         wall = self.now()
+        summary = summary_line(self.last_retention, self.target_metrics()) if self.last_retention else None
         record = {"kind": "end", "step": st.step, "tokens_seen": st.tokens_seen, "time": round(wall, 3),
                   "wall_s": round(wall, 3), "tokens_per_s": st.tokens_seen / max(wall, 1e-9), "status": status,
                   "packing": st.tokens_seen / max(st.step * self.cfg.train.batch_size * self.cfg.train.seq_len, 1),
-                  "final_dir": str(final_dir) if final_dir else None}
+                  "final_dir": str(final_dir) if final_dir else None, "summary": summary}
         self.log(record)
         if self._trackers is not None:
             self._trackers.finish()
