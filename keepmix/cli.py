@@ -34,6 +34,12 @@ def cmd_train(args) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return  # one process reports
     _print_retention(result)
+    diagnostics = result.run_dir / "diagnostics.json"
+    if diagnostics.exists():
+        import json
+
+        for line in json.loads(diagnostics.read_text()).get("summary", []):
+            print(f"memorization: {line}")
     print(f"run directory: {result.run_dir}\nfinal model:   {result.final_dir or '(stopped early: resume with --resume)'}")
     if not args.no_report:
         _report([result.run_dir])
@@ -59,17 +65,8 @@ def _print_retention(result) -> None:
 def _report(run_dirs: list[Path]) -> None:
     from keepmix.report.html import render_report
 
-    for run_dir in run_dirs:
-        _diagnose_quietly(run_dir)
     path = render_report([Path(r) for r in run_dirs])
     print(f"report:        {path}")
-
-
-def _diagnose_quietly(run_dir: Path) -> None:
-    from keepmix.diagnostics.memorization import diagnose
-
-    if (Path(run_dir) / "exposures").exists():
-        diagnose(Path(run_dir))
 
 
 def cmd_eval(args) -> None:

@@ -22,6 +22,7 @@ from keepmix.data.build import build_sampler, prepare_sources
 from keepmix.data.packing import build_rows
 from keepmix.data.mixture import rows_for_rank
 from keepmix.diagnostics.exposures import ExposureWriter
+from keepmix.diagnostics.memorization import diagnose
 from keepmix.errors import KeepmixError, NonFiniteLossError
 from keepmix.eval.lm import validation_metrics
 from keepmix.model import save_final
@@ -156,6 +157,8 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
         final_dir = save_final(acc.unwrap_model(loss_model).model, s.tokenizer, s.run_dir / "final",
                                merge_lora=bool(cfg.model.lora and cfg.model.lora.merge))
     acc.wait_for_everyone()
+    if acc.is_main_process:
+        diagnose(s.run_dir)  # memorization diagnostics: cheap, and every multi-epoch run deserves them
     s.finish("completed", final_dir)
     return TrainResult(s.run_dir, final_dir, "completed", state.step, s.last_metrics, s.last_retention)
 

@@ -9,8 +9,8 @@ import pyarrow.compute as pc
 import pytest
 
 from keepmix.diagnostics.exposures import ExposureWriter
+from keepmix.diagnostics.stats import spearman as _spearman
 from keepmix.diagnostics.memorization import (
-    _spearman,
     boundary_tests,
     detect_clunks,
     diagnose,
