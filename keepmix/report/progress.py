@@ -12,8 +12,6 @@ the records' own clock (`time`), so evals and checkpoints in between are part of
 
 from __future__ import annotations
 
-import base64
-import html
 import math
 import sys
 import time
@@ -33,6 +31,8 @@ def make_progress(mode: Mode = "auto", *, stream: TextIO | None = None, every_s:
     if mode == "rich":
         return RichProgress(stream)
     if mode == "notebook":
+        from keepmix.report.notebook import NotebookProgress
+
         return NotebookProgress(stream)
     if mode == "quiet":
         return QuietProgress(stream)
@@ -74,11 +74,11 @@ def duration(seconds: float | None) -> str:
     return f"{h}h{mins:02d}m" if h else f"{mins}m{s:02d}s" if mins else f"{s}s"
 
 
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
     return "?" if value is None else f"{100 * value:.1f}%"
 
 
-def _loss(value: float | None) -> str:
+def loss_text(value: float | None) -> str:
     return "?" if value is None else f"{value:.3f}"
 
 
@@ -88,8 +88,8 @@ def train_line(record: dict, total_steps: int | None, eta_s: float | None) -> st
     head = f"step {step}/{total_steps} {100 * step / total_steps:.0f}%" if total_steps else f"step {step}"
     parts = [head, f"{si(record.get('tokens_per_s'))} tok/s", f"ETA {duration(eta_s)}",
              f"lr {record.get('lr', math.nan):.2e}",
-             f"loss {_loss(record.get('loss'))} acc {_pct(record.get('token_acc'))}"]
-    per_source = " ".join(f"{name} {_loss(e.get('loss'))}/{_pct(e.get('token_acc'))}"
+             f"loss {loss_text(record.get('loss'))} acc {pct(record.get('token_acc'))}"]
+    per_source = " ".join(f"{name} {loss_text(e.get('loss'))}/{pct(e.get('token_acc'))}"
                           for name, e in (record.get("sources") or {}).items())
     return " | ".join(parts + ([per_source] if per_source else []))
 
@@ -106,8 +106,8 @@ def eval_line(record: dict) -> str:
         if key.startswith("valid/") and key.endswith("/loss"):
             source = key.split("/")[1]
             acc_key = f"valid/{source}/token_acc"
-            acc = f" acc {_pct(metrics[acc_key])}" if acc_key in metrics else ""
-            parts.append(f"{source} loss {_loss(metrics[key])}{delta(key)}{acc}")
+            acc = f" acc {pct(metrics[acc_key])}" if acc_key in metrics else ""
+            parts.append(f"{source} loss {loss_text(metrics[key])}{delta(key)}{acc}")
     parts += [f"{key.removeprefix('task/')} {metrics[key]:.3f}{delta(key)}" for key in metrics if key.startswith("task/")]
     flagged = [f"{k} {row['delta']:+.3f}" for k, row in retention.items()
                if row.get("flagged") and not k.endswith("/ppl")]
@@ -290,7 +290,7 @@ class RichProgress(Progress):
             ProgressBar(total=self.total_steps or 1, completed=step, width=32),
             Text(f"{step}/{self.total_steps}"),
             Text(f"{si(record.get('tokens_per_s'))} tok/s  ETA {duration(self.eta_s())}  "
-                 f"lr {record.get('lr', math.nan):.2e}  loss {_loss(record.get('loss'))}"),
+                 f"lr {record.get('lr', math.nan):.2e}  loss {loss_text(record.get('loss'))}"),
         )
         metrics, retention = evaluation.get("metrics") or {}, evaluation.get("retention") or {}
         eval_at = f" @ {evaluation['step']}" if evaluation else ""
@@ -300,13 +300,13 @@ class RichProgress(Progress):
             table.add_column(column, justify="left" if column == "source" else "right")
         for name in self.sources:
             entry = self.by_source.get(name, {})
-            cells = [name, _loss(entry.get("loss")), _pct(entry.get("token_acc"))]
+            cells = [name, loss_text(entry.get("loss")), pct(entry.get("token_acc"))]
             table.add_row(
                 *map(Text, cells),
-                _with_delta(metrics, retention, f"valid/{name}/loss", _loss),
-                Text(_pct(metrics.get(f"valid/{name}/token_acc"))),
-                Text(_pct((record.get("planned") or {}).get(name))),
-                Text(_pct((record.get("realized_cum") or {}).get(name))),
+                _with_delta(metrics, retention, f"valid/{name}/loss", loss_text),
+                Text(pct(metrics.get(f"valid/{name}/token_acc"))),
+                Text(pct((record.get("planned") or {}).get(name))),
+                Text(pct((record.get("realized_cum") or {}).get(name))),
                 Text(f"{(record.get('epoch') or {}).get(name, 0.0):.2f}"),
             )
         parts = [bar, table]
@@ -332,112 +332,3 @@ def _with_delta(metrics: dict, retention: dict, key: str, show: Callable):
 
 def _any_flagged(record: dict) -> bool:
     return any(row.get("flagged") for row in (record.get("retention") or {}).values())
-
-
-class NotebookProgress(Progress):
-    """In Jupyter: one output area holding an HTML bar, the per-source table, the latest eval and a loss
-    plot, redrawn in place. `publish(html)` shows or replaces that area (IPython's display handle by
-    default); updates are paced so a fast loop does not flood the kernel."""
-
-    def __init__(self, stream: TextIO | None = None, publish: Callable[[str], None] | None = None,
-                 every_s: float = 0.5, plot_every_s: float = 3.0, clock: Callable[[], float] = time.monotonic):
-        super().__init__(stream)
-        self.publish = publish or _ipython_publisher()
-        self.every_s, self.plot_every_s, self.clock = every_s, plot_every_s, clock
-        self.train_loss: dict[str, tuple[list[int], list[float]]] = {}
-        self.valid_loss: dict[str, tuple[list[int], list[float]]] = {}
-        self.notes: list[str] = []
-        self._shown_at: float | None = None
-        self._plot_at: float | None = None
-        self._plot_html = ""
-
-    def start(self, total_steps: int, start_step: int, sources: list[str], title: str) -> None:
-        super().start(total_steps, start_step, sources, title)
-        self._show(force=True)
-
-    def train(self, record: dict) -> None:
-        super().train(record)
-        for name, entry in (record.get("sources") or {}).items():
-            steps, values = self.train_loss.setdefault(name, ([], []))
-            steps.append(record["step"])
-            values.append(entry.get("loss", math.nan))
-        self._show()
-
-    def eval(self, record: dict) -> None:
-        super().eval(record)
-        for key, value in (record.get("metrics") or {}).items():
-            if key.startswith("valid/") and key.endswith("/loss"):
-                steps, values = self.valid_loss.setdefault(key.split("/")[1], ([], []))
-                steps.append(record["step"])
-                values.append(value)
-        self.notes.append(eval_line(record))
-        self._show(force=True)
-
-    def message(self, text: str) -> None:
-        self.notes.append(text)
-        self._show(force=True)
-
-    def close(self) -> None:
-        if not self._closed:
-            super().close()
-            self._show(force=True)
-
-    def _show(self, force: bool = False) -> None:
-        now = self.clock()
-        if not force and self._shown_at is not None and now - self._shown_at < self.every_s:
-            return
-        if force or self._plot_at is None or now - self._plot_at >= self.plot_every_s:
-            self._plot_at = now
-            self._plot_html = self._plot()
-        self._shown_at = now
-        self.publish(self.html())
-
-    def html(self) -> str:
-        esc = html.escape
-        record = self.last_train or {}
-        step = record.get("step", self.start_step)
-        total = self.total_steps or 1
-        if self.end_record is not None:
-            state = end_line(self.end_record)
-        elif self._closed:
-            state = f"stopped at step {step} without an end record"
-        else:
-            state = (f"{si(record.get('tokens_per_s'))} tok/s · ETA {duration(self.eta_s())} · "
-                     f"lr {record.get('lr', math.nan):.2e} · loss {_loss(record.get('loss'))}")
-        rows = "".join(
-            f"<tr><td>{esc(name)}</td><td>{_loss(self.by_source.get(name, {}).get('loss'))}</td>"
-            f"<td>{_pct(self.by_source.get(name, {}).get('token_acc'))}</td>"
-            f"<td>{_pct((record.get('planned') or {}).get(name))}</td>"
-            f"<td>{_pct((record.get('realized_cum') or {}).get(name))}</td></tr>"
-            for name in self.sources)
-        notes = "".join(f"<div>{esc(n)}</div>" for n in self.notes[-6:])
-        return (f'<div class="keepmix-progress"><div><b>{esc(self.title)}</b> '
-                f'<progress value="{step}" max="{total}" style="width:40%"></progress> {step}/{self.total_steps} '
-                f"· {esc(state)}</div>"
-                f"<table><tr><th>source</th><th>train loss</th><th>train acc</th><th>planned</th>"
-                f"<th>realized (cum)</th></tr>{rows}</table>"
-                f'<div style="font-family:monospace;font-size:90%">{notes}</div>{self._plot_html}</div>')
-
-    def _plot(self) -> str:
-        if not self.train_loss and not self.valid_loss:
-            return ""
-        from keepmix.report.plots import figure_png, live_loss_figure
-
-        png = figure_png(live_loss_figure(self.train_loss, self.valid_loss, self.sources), dpi=80)
-        return f'<img alt="loss" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
-
-
-def _ipython_publisher() -> Callable[[str], None]:
-    """Show the first HTML in a new output area and replace it in place afterwards."""
-    handle = None
-
-    def publish(markup: str) -> None:
-        nonlocal handle
-        from IPython.display import HTML, display
-
-        if handle is None:
-            handle = display(HTML(markup), display_id=True)
-        else:
-            handle.update(HTML(markup))
-
-    return publish

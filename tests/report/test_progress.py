@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from keepmix.report import metrics as m
+from keepmix.report.notebook import NotebookProgress
 from keepmix.report.progress import (
-    NotebookProgress,
     PlainProgress,
     QuietProgress,
     RichProgress,
