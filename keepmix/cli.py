@@ -105,7 +105,10 @@ def cmd_experiment(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from keepmix import __version__
+
     p = argparse.ArgumentParser(prog="keepmix", description="Continued pre-training on a curated data mixture.")
+    p.add_argument("--version", action="version", version=f"keepmix {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or resume) a run from a YAML config")
