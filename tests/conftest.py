@@ -37,21 +37,26 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """A 300-token byte-level BPE with EOS, pad and a chat template, trained on test text."""
+def make_bpe_tokenizer(texts, vocab_size: int, specials=("<eos>", "<pad>"), full_alphabet: bool = True):
+    """A byte-level BPE trained on `texts`, as a transformers fast tokenizer with <eos> and <pad>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    out = tmp_path_factory.mktemp("tokenizer")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if full_alphabet else []
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                                       initial_alphabet=alphabet))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A 300-token byte-level BPE with EOS, pad and a chat template, trained on test text."""
+    out = tmp_path_factory.mktemp("tokenizer")
     texts = [d["text"] for d in prose_docs(300)] + [d["prompt"] + d["completion"] for d in qa_docs(300)]
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    fast = make_bpe_tokenizer(texts, 300)
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     return out

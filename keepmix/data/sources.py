@@ -31,8 +31,8 @@ class Records:
     skipped: list[str] = field(default_factory=list)  # "file:line: why" of rows that could not be read
 
 
-def _read_jsonl(path: Path, on_bad_row: str) -> Records:
-    rows, locations, skipped = [], [], []
+def _iter_jsonl(path: Path, on_bad_row: str, skipped: list[str] | None):
+    """(record, "file:line") for each JSON object line; bad lines raise or are appended to `skipped`."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -46,11 +46,16 @@ def _read_jsonl(path: Path, on_bad_row: str) -> Records:
                 msg = f"{where}: malformed row ({err})"
                 if on_bad_row == "error":
                     raise KeepmixError(msg + "; fix it, or set on_bad_row: skip for this source") from None
-                skipped.append(msg)
+                if skipped is not None:
+                    skipped.append(msg)
                 continue
-            rows.append(row)
-            locations.append(where)
-    return Records(rows, locations, skipped)
+            yield row, where
+
+
+def _read_jsonl(path: Path, on_bad_row: str) -> Records:
+    skipped: list[str] = []
+    pairs = list(_iter_jsonl(path, on_bad_row, skipped))
+    return Records([r for r, _ in pairs], [w for _, w in pairs], skipped)
 
 
 def _read_json_array(path: Path) -> Records:
@@ -125,23 +130,7 @@ def iter_located_records(path: str, *, hf_config: str | None = None, hf_split: s
     local = Path(path)
     suffix = local.suffix.lower()
     if local.is_file() and suffix in (".jsonl", ".ndjson"):
-        with local.open("rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                where = f"{local}:{lineno}"
-                try:
-                    row = json.loads(raw)
-                    if not isinstance(row, dict):
-                        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-                except (ValueError, UnicodeDecodeError) as err:
-                    msg = f"{where}: malformed row ({err})"
-                    if on_bad_row == "error":
-                        raise KeepmixError(msg + "; fix it, or set on_bad_row: skip for this source") from None
-                    if skipped is not None:
-                        skipped.append(msg)
-                    continue
-                yield row, where
+        yield from _iter_jsonl(local, on_bad_row, skipped)
     elif local.is_file() and suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from keepmix.errors import KeepmixError
 from keepmix.eval.choice import MCItem, choice_loglikelihoods, encode_pair, mc_metrics, score_multiple_choice
+from tests.conftest import make_bpe_tokenizer
 
 SENTENCES = [
     "The cat sat on the mat.",
@@ -19,25 +19,9 @@ SENTENCES = [
 CONTEXT_LIMIT = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on cores shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(SENTENCES, trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    return make_bpe_tokenizer(SENTENCES, 400, specials=("<pad>", "<eos>"))
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from keepmix.eval.generate import (
     GenItem,
@@ -14,6 +13,7 @@ from keepmix.eval.generate import (
     normalize,
     score_generation,
 )
+from tests.conftest import make_bpe_tokenizer
 
 SENTENCES = [
     "The cat sat on the mat.",
@@ -32,22 +32,9 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on cores shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(SENTENCES, trainers.BpeTrainer(vocab_size=200, special_tokens=["<pad>", "<eos>"]))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    return make_bpe_tokenizer(SENTENCES, 200, specials=("<pad>", "<eos>"), full_alphabet=False)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import time
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from keepmix.errors import KeepmixError
 from keepmix.eval.sql import (
@@ -20,6 +19,7 @@ from keepmix.eval.sql import (
     sql_match,
     sql_metrics,
 )
+from tests.conftest import make_bpe_tokenizer
 
 LIMITS = dict(timeout_s=2.0, max_rows=1000)
 
@@ -174,23 +174,10 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on cores shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def memorizer():
     texts = [prompt + completion for prompt, completion, _, _ in PAIRS]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"]))
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    tokenizer = make_bpe_tokenizer(texts, 300, specials=("<pad>", "<eos>"), full_alphabet=False)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

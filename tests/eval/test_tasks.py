@@ -12,7 +12,6 @@ import torch
 import transformers
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from keepmix.errors import KeepmixError
 from keepmix.eval.choice import MCItem, score_multiple_choice
@@ -27,28 +26,16 @@ from keepmix.eval.tasks import (
     run_task,
     task_tolerances,
 )
+from tests.conftest import make_bpe_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "tasks"
 TASKS = TypeAdapter(list[Annotated[TaskConfig, Field(discriminator="kind")]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on cores shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     texts = [line for p in EXAMPLES.glob("*.jsonl") for line in p.read_text().splitlines()]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>"]))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    return make_bpe_tokenizer(texts, 400, specials=("<pad>", "<eos>"), full_alphabet=False)
 
 
 @pytest.fixture(scope="module")
