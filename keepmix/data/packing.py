@@ -137,6 +137,19 @@ def build_rows(plans: list[RowPlan], docs: list[TokenDocs], seq_len: int, pad_id
     )
 
 
+def count_tokens(plans: list[RowPlan], docs: list[TokenDocs]) -> tuple[int, int]:
+    """(real tokens, loss targets) of planned rows, without building them: what `build_rows` would give."""
+    real = targets = 0
+    for plan in plans:
+        mask = docs[plan.source].loss_mask
+        offsets = docs[plan.source].offsets
+        for seg in plan.segments:
+            a = int(offsets[seg.doc_id]) + seg.start
+            real += seg.length
+            targets += int(mask[a + 1 : a + seg.length].sum())  # a segment's first token is never a target
+    return real, targets
+
+
 def eval_plans(docs: TokenDocs, seq_len: int, source: int, max_tokens: int | None = None) -> list[RowPlan]:
     """Held-out documents packed in order, once, without splitting a document that fits in a row."""
     plans, current, space, used = [], [], seq_len, 0

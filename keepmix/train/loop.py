@@ -19,7 +19,7 @@ import torch
 
 from keepmix.config import RunConfig, load_config
 from keepmix.data.build import build_sampler, prepare_sources
-from keepmix.data.packing import build_rows
+from keepmix.data.packing import build_rows, count_tokens
 from keepmix.data.mixture import rows_for_rank
 from keepmix.diagnostics.exposures import ExposureWriter
 from keepmix.diagnostics.memorization import diagnose
@@ -93,8 +93,7 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
         plans, planned, passes = sampler.plan()
         for src, p in passes:
             s.log({"kind": "epoch", "source": names[src], "epoch": p, "step": state.step + 1})
-        global_rows = build_rows(plans, train_docs, t.seq_len, pad_id)
-        n_targets = int((global_rows.labels != -100).sum())
+        real_tokens, n_targets = count_tokens(plans, train_docs)  # of the whole global batch
         local = rows_for_rank(plans, rank, world)
         lr = scheduler.get_last_lr()[0]
         # ---- forward / backward over micro-batches (gradient accumulation) ---------------------------
@@ -133,10 +132,10 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.tokens_seen += global_rows.real_tokens
+        state.tokens_seen += real_tokens
         # ---- metrics and the exposure log --------------------------------------------------------
         totals = RowStats.split(acc.reduce(stats.vector().to(acc.device)).cpu(), len(sources))
-        s.log_train(totals, names, planned, lr, float(grad_norm), global_rows.real_tokens,
+        s.log_train(totals, names, planned, lr, float(grad_norm), real_tokens,
                     time.perf_counter() - step_start, sampler)
         s.add_exposures(exposures, segments, stats, names, lr)
         # ---- evals and checkpoints ---------------------------------------------------------------

@@ -73,3 +73,14 @@ def test_packed_rows_do_not_attend_across_documents(tokenizer):
             alone = model(input_ids=ids).logits[0]
             torch.testing.assert_close(packed[start : start + lengths[i]], alone, atol=1e-5, rtol=1e-4)
             start += lengths[i]
+
+
+def test_count_tokens_matches_built_rows(tokenizer):
+    from keepmix.data.packing import count_tokens
+    from tests.conftest import qa_docs
+
+    docs = tk.tokenize_docs(qa_docs(50), tokenizer, fmt="prompt_completion", loss_on="completion")
+    stream = DocStream(docs.lengths, seed=0, source_index=0)
+    plans = [RowPlan(0, stream.take_row(40, split_docs=False)[0]) for _ in range(20)]
+    rows = build_rows(plans, [docs], 40, tokenizer.pad_token_id)
+    assert count_tokens(plans, [docs]) == (rows.real_tokens, int((rows.labels != -100).sum()))
