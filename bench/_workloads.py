@@ -197,7 +197,7 @@ def fabricate_run(src: Path, dst: Path, step: int, spec: dict, part_every: int =
     from keepmix.config import parse_config
     from keepmix.data.build import build_sampler, prepare_sources
     from keepmix.model import load_tokenizer
-    from keepmix.train.checkpoint import latest_checkpoint
+    from keepmix.training.checkpoint import latest_checkpoint
 
     shutil.rmtree(dst, ignore_errors=True)
     ckpt = latest_checkpoint(src / "checkpoints")
@@ -422,12 +422,13 @@ def keepmix_config(spec: dict, output: str) -> dict:
 
 
 def _instrument_keepmix(batches: list[dict], *, before_first_step=None, after_step=None) -> None:
-    """Times keepmix's batch building (sampler.plan + build_rows) per step and hooks the step boundaries."""
-    import keepmix.train.loop as loop
+    """Times keepmix's batch building per step (sampler.plan, count_tokens, build_rows) and hooks the
+    step boundaries: `before_first_step` runs as the first step begins, `after_step` once each is logged."""
+    import keepmix.training.loop as loop
     from keepmix.data.mixture import MixtureSampler
-    from keepmix.train.session import Session
+    from keepmix.training.session import Session
 
-    plan, build_rows, log_train = MixtureSampler.plan, loop.build_rows, Session.log_train
+    plan, log_train = MixtureSampler.plan, Session.log_train
 
     def timed_plan(sampler):
         if not batches and before_first_step is not None:
@@ -440,11 +441,14 @@ def _instrument_keepmix(batches: list[dict], *, before_first_step=None, after_st
                         "pairs": _pairs(lengths), "data_s": seconds})
         return out
 
-    def timed_build_rows(*args, **kwargs):
-        t0 = time.perf_counter()
-        out = build_rows(*args, **kwargs)
-        batches[-1]["data_s"] += time.perf_counter() - t0
-        return out
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            batches[-1]["data_s"] += time.perf_counter() - t0
+            return out
+
+        return wrapper
 
     def hooked_log_train(session, *args, **kwargs):
         log_train(session, *args, **kwargs)
@@ -452,12 +456,14 @@ def _instrument_keepmix(batches: list[dict], *, before_first_step=None, after_st
             after_step()
 
     MixtureSampler.plan = timed_plan
-    loop.build_rows = timed_build_rows
+    for name in ("build_rows", "count_tokens"):  # the names the loop calls them by
+        if hasattr(loop, name):
+            setattr(loop, name, timed(getattr(loop, name)))
     Session.log_train = hooked_log_train
 
 
 def apply_proposed() -> None:
-    """The optimizer change proposed for keepmix/train/loop.py, applied from outside for arm c+.
+    """The optimizer change proposed for keepmix/training/loop.py, applied from outside for arm c+.
 
     torch.optim.AdamW updates one parameter at a time on CPU unless asked otherwise; its fused kernel
     (torch >= 2.4 on CPU) does the same update in one vectorised, multithreaded pass.
@@ -474,7 +480,7 @@ def apply_proposed() -> None:
 
 def keepmix(spec: dict) -> dict:
     from keepmix.config import parse_config
-    from keepmix.train.loop import train
+    from keepmix.training.loop import train
 
     gate, batches = Gate(spec), []
     _instrument_keepmix(batches, before_first_step=gate, after_step=gate)
@@ -511,8 +517,8 @@ def resume(spec: dict) -> dict:
     """Launch-to-first-step seconds of a resumed run, and the parts of it that could grow with the step."""
     from keepmix.config import parse_config
     from keepmix.diagnostics.exposures import ExposureWriter
-    from keepmix.train.loop import train
-    from keepmix.train.session import Session
+    from keepmix.training.loop import train
+    from keepmix.training.session import Session
 
     imported = time.time() - spec["launched"]
     reached, parts = {}, {"checkpoint_s": 0.0, "logs_s": 0.0}
@@ -563,7 +569,7 @@ def evalmem(spec: dict) -> dict:
 
     from keepmix.data.tokenize import TokenDocs
     from keepmix.eval.lm import validation_metrics
-    from keepmix.train.forward import LossModel
+    from keepmix.training.forward import LossModel
 
     with np.load(spec["tokens"]) as z:
         tokens, offsets = z["tokens"], z["offsets"]

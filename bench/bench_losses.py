@@ -25,7 +25,7 @@ def run_variant(impl: str, n: int, hidden_size: int, vocab: int, chunk_size: int
     """One variant, in this process: returns timings and the peak memory added over the inputs."""
     import torch
 
-    from keepmix.train.losses import LOSS_IMPLS
+    from keepmix.training.losses import LOSS_IMPLS
 
     torch.manual_seed(0)
     # In-place scaling: no V x H temporary inflates the peak before the measurement starts.

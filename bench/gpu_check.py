@@ -82,7 +82,7 @@ def main() -> int:
         print("gpu_check: no CUDA device; run this on a GPU machine", file=sys.stderr)
         return 2
     from keepmix.config import parse_config
-    from keepmix.train.loop import train
+    from keepmix.training.loop import train
 
     folder = Path(args.out or tempfile.mkdtemp(prefix="gpu_check_"))
     folder.mkdir(parents=True, exist_ok=True)

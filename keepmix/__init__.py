@@ -11,7 +11,7 @@ from keepmix.errors import ConfigError, KeepmixError  # noqa: E402
 
 def train(config, *, resume: bool = False, progress: str = "auto", overrides: dict | None = None):
     """Train (or resume) the run a `RunConfig` or YAML path describes; returns a `TrainResult`."""
-    from keepmix.train.loop import train as _train
+    from keepmix.training.loop import train as _train
 
     return _train(config, resume=resume, progress=progress, overrides=overrides)
 

@@ -27,7 +27,7 @@ def _progress(args) -> str:
 
 
 def cmd_train(args) -> None:
-    from keepmix.train.loop import train
+    from keepmix.training.loop import train
 
     result = train(args.config, resume=args.resume, progress=_progress(args), overrides=_overrides(args.set),
                    stop_at=args.stop_at)

@@ -37,7 +37,7 @@ from keepmix.config import parse_config
 from keepmix.demo.data import DemoData, build_demo_data
 from keepmix.demo.model import prepare_model
 from keepmix.errors import KeepmixError
-from keepmix.train.loop import train
+from keepmix.training.loop import train
 
 ARMS = ("finetune_only", "keepmix")
 ROW_NAMES = {"base": "base", "finetune_only": "fine-tune only", "keepmix": "keepmix"}

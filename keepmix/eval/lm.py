@@ -16,7 +16,7 @@ import torch
 
 from keepmix.data.packing import build_rows, eval_plans
 from keepmix.data.tokenize import TokenDocs
-from keepmix.train.forward import run_rows
+from keepmix.training.forward import run_rows
 
 
 @torch.no_grad()

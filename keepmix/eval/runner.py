@@ -16,7 +16,7 @@ from keepmix.config import RunConfig, load_config
 from keepmix.data.build import prepare_sources
 from keepmix.eval.lm import validation_metrics
 from keepmix.model import load_model, quiet_transformers
-from keepmix.train.forward import LossModel
+from keepmix.training.forward import LossModel
 
 
 def _load(cfg: RunConfig, name: str):

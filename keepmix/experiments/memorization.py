@@ -253,7 +253,7 @@ def _completed(run_dir: Path) -> bool:
 
 
 def _train_or_reuse(data: dict, run_dir: Path, progress: str) -> Path:
-    from keepmix.train.loop import train
+    from keepmix.training.loop import train
 
     cfg = parse_config(data, source=f"memorization experiment ({run_dir.name})", base_dir=run_dir.parent)
     saved = run_dir / "config.yaml"

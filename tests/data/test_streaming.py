@@ -7,7 +7,7 @@ import numpy as np
 from keepmix.data import tokenize as tk
 from keepmix.data.sources import iter_canonical_docs
 from keepmix.diagnostics.exposures import read_exposures
-from keepmix.train.loop import train
+from keepmix.training.loop import train
 from tests.conftest import prose_docs, train_records, write_jsonl
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from keepmix.eval.runner import evaluate, print_comparison
-from keepmix.train.loop import train
+from keepmix.training.loop import train
 from tests.conftest import train_records
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from keepmix.train.loop import train as _train_fn
+import keepmix
 from keepmix.errors import NonFiniteLossError
 from tests.conftest import train_records
 
@@ -46,10 +46,10 @@ def test_stopped_and_resumed_run_is_bit_identical(make_run, variant):
     updates = LORA if variant == "lora" else {}
     whole = make_run("whole", **updates)
     parts = make_run("parts", **updates)
-    _train_fn(whole, progress="quiet")
-    first = _train_fn(parts, progress="quiet", stop_at=6)
+    keepmix.train(whole, progress="quiet")
+    first = keepmix.train(parts, progress="quiet", stop_at=6)
     assert first.status == "stopped" and first.step == 6
-    second = _train_fn(parts, progress="quiet", resume=True)
+    second = keepmix.train(parts, progress="quiet", resume=True)
     assert second.status == "completed" and second.step == 12
     ref, got = losses(whole.parent / "out"), losses(parts.parent / "out")
     assert [s for s, _ in ref] == list(range(1, 13))
@@ -87,7 +87,7 @@ def test_sigkilled_run_resumes_bit_identical(make_run):
     # long enough that the kill lands mid-training: 40 steps, checkpoints every 5
     cfg = {"train": {"steps": 40, "checkpoint_every": 5}, "eval": {"every": 20}}
     whole, killed = make_run("whole", **cfg), make_run("killed", **cfg)
-    _train_fn(whole, progress="quiet")
+    keepmix.train(whole, progress="quiet")
     proc = _run_cli(killed)
     _wait_for_step(killed.parent / "out", 12, proc)
     proc.send_signal(signal.SIGKILL)
@@ -104,11 +104,11 @@ def test_sigkilled_run_resumes_bit_identical(make_run):
 
 def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(make_run):
     whole, killed = make_run("whole"), make_run("killed")
-    _train_fn(whole, progress="quiet")
+    keepmix.train(whole, progress="quiet")
     # The second checkpoint (step 12) dies after writing its weights, before its completion marker.
     code = textwrap.dedent("""
         import os, signal, sys
-        import keepmix.train.checkpoint as c
+        import keepmix.training.checkpoint as c
         real = c.save_file
         def dying_save_file(tensors, path):
             real(tensors, path)
@@ -124,13 +124,13 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(make_ru
     ckpts = killed.parent / "out" / "checkpoints"
     assert (ckpts / ".staging-step-00000012" / "weights.safetensors").exists()
     assert [p.name for p in ckpts.glob("step-*")] == ["step-00000006"]
-    _train_fn(killed, progress="quiet", resume=True)
+    keepmix.train(killed, progress="quiet", resume=True)
     assert losses(killed.parent / "out") == losses(whole.parent / "out")
     assert_same_weights(final_weights(whole.parent / "out"), final_weights(killed.parent / "out"))
 
 
 def test_non_finite_loss_stops_before_the_update(make_run, monkeypatch):
-    from keepmix.train import forward
+    from keepmix.training import forward
 
     config = make_run(train={"checkpoint_every": 2})
     real_forward = forward.LossModel.forward
@@ -146,15 +146,15 @@ def test_non_finite_loss_stops_before_the_update(make_run, monkeypatch):
         return loss, token_loss, correct
 
     monkeypatch.setattr(forward.LossModel, "forward", poisoned)
-    monkeypatch.setattr("keepmix.train.loop.validation_metrics", lambda *a, **k: {})  # keep counting simple
+    monkeypatch.setattr("keepmix.training.loop.validation_metrics", lambda *a, **k: {})  # keep counting simple
     with pytest.raises(NonFiniteLossError, match="step 5: the loss or gradient is not finite"):
-        _train_fn(config, progress="quiet")
+        keepmix.train(config, progress="quiet")
     for n, p in seen["model"].named_parameters():
         assert torch.equal(p.detach(), seen["before"][n]), n
     run_dir = config.parent / "out"
     assert [r["step"] for r in train_records(run_dir)] == [1, 2, 3, 4]
     assert train_records(run_dir, "end")[-1]["status"] == "non_finite"
-    from keepmix.train.checkpoint import latest_checkpoint, load_checkpoint
+    from keepmix.training.checkpoint import latest_checkpoint, load_checkpoint
 
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     assert ckpt.name == "step-00000004"

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from keepmix.train.losses import LOSS_IMPLS, full_linear_cross_entropy, fused_linear_cross_entropy
+from keepmix.training.losses import LOSS_IMPLS, full_linear_cross_entropy, fused_linear_cross_entropy
 
 IMPLS = sorted(LOSS_IMPLS)
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-4, atol=1e-6)}

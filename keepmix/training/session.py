@@ -23,7 +23,7 @@ import yaml
 from keepmix.config import RunConfig, changed_keys, config_to_dict, dump_config
 from keepmix.errors import KeepmixError
 from keepmix.model import add_lora, load_model, load_trainable_state, trainable_state
-from keepmix.train import checkpoint as ckpt
+from keepmix.training import checkpoint as ckpt
 
 
 @dataclass

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from keepmix.config import TrainConfig
-from keepmix.train.session import _lr_scheduler
+from keepmix.training.session import _lr_scheduler
 
 
 def lrs(**kw) -> list[float]:

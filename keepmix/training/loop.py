@@ -26,8 +26,8 @@ from keepmix.diagnostics.memorization import diagnose
 from keepmix.errors import KeepmixError, NonFiniteLossError
 from keepmix.eval.lm import validation_metrics
 from keepmix.model import save_final
-from keepmix.train.forward import LossModel, RowStats, run_rows
-from keepmix.train.session import Session, open_session
+from keepmix.training.forward import LossModel, RowStats, run_rows
+from keepmix.training.session import Session, open_session
 
 
 @dataclass

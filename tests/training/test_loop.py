@@ -11,8 +11,8 @@ import yaml
 from keepmix.data import tokenize as tk
 from keepmix.data.packing import RowPlan, Segment, build_rows
 from keepmix.errors import KeepmixError
-from keepmix.train.forward import LossModel
-from keepmix.train.loop import train
+from keepmix.training.forward import LossModel
+from keepmix.training.loop import train
 from tests.conftest import TINY_LLAMA, prose_docs, train_records
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from keepmix.data.packing import Rows
 from keepmix.model import trunk_and_head
-from keepmix.train.losses import full_linear_cross_entropy, fused_linear_cross_entropy
+from keepmix.training.losses import full_linear_cross_entropy, fused_linear_cross_entropy
 
 
 class LossModel(nn.Module):
