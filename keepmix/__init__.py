@@ -9,11 +9,15 @@ from keepmix.config import RunConfig, load_config  # noqa: E402
 from keepmix.errors import ConfigError, KeepmixError  # noqa: E402
 
 
-def train(config, *, resume: bool = False, progress: str = "auto", overrides: dict | None = None):
-    """Train (or resume) the run a `RunConfig` or YAML path describes; returns a `TrainResult`."""
+def train(config, *, resume: bool = False, progress: str = "auto", overrides: dict | None = None,
+          stop_at: int | None = None):
+    """Train (or resume) the run a `RunConfig` or YAML path describes; returns a `TrainResult`.
+
+    `stop_at` ends this session after that step with a checkpoint, to resume later.
+    """
     from keepmix.training.loop import train as _train
 
-    return _train(config, resume=resume, progress=progress, overrides=overrides)
+    return _train(config, resume=resume, progress=progress, overrides=overrides, stop_at=stop_at)
 
 
 def evaluate(config, models=("base",), overrides: dict | None = None):
