@@ -135,3 +135,16 @@ def test_tasks_run_at_baseline_during_training_and_in_retention(make_run):
         assert {"task/mc/acc", "task/mc/acc_norm", "task/sql/acc", "task/sql/n"} <= set(e["metrics"])
     assert result.retention["task/sql/acc"]["tolerance"] == 0.5  # the task's own tolerance
     assert result.retention["task/mc/acc"]["baseline"] == evals[0]["metrics"]["task/mc/acc"]
+
+
+def test_fused_optimizer_matches_the_plain_update(make_run, monkeypatch):
+    """The speed choice (fused AdamW) keeps the losses of the per-parameter update."""
+    fused = make_run("fused", train={"steps": 4, "checkpoint_every": 4}, eval={"every": None})
+    train(fused, progress="quiet")
+    real = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: real(*a, **{**k, "fused": False}))
+    plain = make_run("plain", train={"steps": 4, "checkpoint_every": 4}, eval={"every": None})
+    train(plain, progress="quiet")
+    a = [r["loss"] for r in train_records(fused.parent / "out")]
+    b = [r["loss"] for r in train_records(plain.parent / "out")]
+    assert a[0] == b[0] and b == pytest.approx(a, rel=1e-5)
