@@ -121,6 +121,26 @@ def run_lockstep(specs: list[dict], steps: int, logs: Path) -> list[dict]:
             w.close()
 
 
+def mem_available_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("inf")  # not Linux: no check
+
+
+def wait_for_memory(need_gb: float, patience_s: float = 300.0) -> None:
+    """Start a group only when its arms fit in memory: on a shared machine the kernel's OOM killer
+    would otherwise pick the largest process, which may be another user's job."""
+    deadline = time.monotonic() + patience_s
+    while (free := mem_available_gb()) < need_gb:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench_train.py: the next group of arms needs about {need_gb:.1f} GB and only "
+                             f"{free:.1f} GB is available after waiting {patience_s:.0f} s; run it when the "
+                             f"machine is quieter, or run fewer arms at once (--text-arms / --instr-arms).")
+        print(f"  waiting for memory: need {need_gb:.1f} GB, {free:.1f} GB available")
+        time.sleep(15)
+
+
 def run_child(spec: dict) -> dict:
     """One probe in a fresh process, on its own; its result, or an error carrying the end of its output."""
     spec = {**spec, "launched": time.time()}
@@ -136,7 +156,7 @@ def run_child(spec: dict) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="a 4-layer Llama instead of SmolLM2 (under a minute)")
-    p.add_argument("--steps", type=int, help="timed optimizer steps per arm (default 4; 8 with --tiny)")
+    p.add_argument("--steps", type=int, help="timed optimizer steps per arm (default 3; 6 with --tiny)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--batch", type=int, help="rows per step (default 4; 8 with --tiny)")
     p.add_argument("--seq-len", type=int, default=256)
@@ -152,7 +172,7 @@ def parse_args(argv=None):
     if args.instr_arms is None:
         args.instr_arms = "a,b,c" if args.tiny else "b,c"
     if args.steps is None:
-        args.steps = 8 if args.tiny else 4
+        args.steps = 6 if args.tiny else 3
     if args.batch is None:
         args.batch = 8 if args.tiny else 4
     if args.warmup < 1:
@@ -197,6 +217,10 @@ def main(argv=None) -> None:
         specs_by_dataset[dataset] = specs = [{**base, "kind": ARM_KIND[arm], "arm": arm, "dataset": dataset, "out": str(runs / f"{dataset}-{arm}"),
                   "tokens": str(data["tokens"]), "records": str(data["records"]), "proposed": arm == "c+"}
                  for arm in names]
+        # per arm: the largest peak seen so far, else ~9x the weights (weights, grads, AdamW state, activations)
+        seen = [r["peak_rss_mb"] / 1024 for r in results["arms"]]
+        per_arm = max(seen) if seen else 9 * sum(f.stat().st_size for f in setup.model.glob("*.safetensors")) / 2**30
+        wait_for_memory(1.1 * per_arm * len(specs))
         t0 = time.perf_counter()
         for spec, res in zip(specs, run_lockstep(specs, base["steps"], runs)):
             results["arms"].append({"dataset": dataset, "arm": spec["arm"], **res})
@@ -208,7 +232,7 @@ def main(argv=None) -> None:
         measure_peak()
 
     resume_spec = next((s for s in specs_by_dataset.get("text", []) if s["kind"] == "keepmix"), None)
-    results["resume"] = measure_resume(resume_spec, runs, repeats=1 if args.tiny else 3) if resume_spec else {}
+    results["resume"] = measure_resume(resume_spec, runs, repeats=1 if args.tiny else 2) if resume_spec else {}
     results["evalmem"] = measure_eval_memory(setup, base)
     summary = summarize(results, setup.flops, warmup=args.warmup)
     results["summary"] = summary
@@ -248,7 +272,7 @@ def measure_eval_memory(setup, base: dict) -> dict:
     out = {}
     for scale in (1, 4):
         spec = {**base, "kind": "evalmem", "tokens": str(setup.datasets["text"]["tokens"]),
-                "docs": scale * setup.eval_docs, "batch": 4}
+                "docs": scale * setup.eval_docs, "batch": 2}
         out[str(scale)] = res = run_child(spec)
         print(f"validation on {scale}x held-out ({res['tokens']} tokens): +{res['added_mb']:.0f} MB "
               f"in {res['seconds']:.1f} s")

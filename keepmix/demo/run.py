@@ -61,10 +61,11 @@ class DemoSettings:
     seq_len: int
     batch_size: int  # rows per optimizer step
     micro_batch_size: int  # rows per forward pass
-    lr: float
+    lr: float  # peak learning rate (AdamW)
+    lr_schedule: str  # keepmix's train.lr_schedule: constant | linear | cosine | wsd
     warmup: float  # fraction of steps
-    keepmix_start: dict[str, float]  # keepmix's shares at t = 0 ...
-    keepmix_end: dict[str, float]  # ... and at t = 1, linear in between
+    decay: float  # wsd: fraction of steps spent decaying
+    keepmix_schedule: tuple[tuple[float, dict[str, float]], ...]  # (progress t, shares), linear between
     floors: dict[str, float]  # keepmix's floors (fine-tune only has none)
     sql_eval_seen: int  # SQL eval questions from templates seen in training
     sql_eval_unseen: int  # ... and from held-out templates
@@ -78,18 +79,22 @@ class DemoSettings:
 
 
 # Sized for ~15 minutes on an idle 2-core CPU: see docs/DEMO.md for the measurements behind it.
-# 1 row per step for each floor (0.125 x 8 rows), so every step trains on prose and code.
+# Floors of 0.125 at 8 rows per step put one prose and one code row in every step.
 FULL = DemoSettings(
-    steps=24, seq_len=256, batch_size=8, micro_batch_size=4, lr=3e-4, warmup=0.1,
-    keepmix_start={"prose": 0.3, "code": 0.2, "sql": 0.5},
-    keepmix_end={"prose": 0.125, "code": 0.125, "sql": 0.75},
+    steps=24, seq_len=256, batch_size=8, micro_batch_size=2, lr=5e-4, lr_schedule="wsd", warmup=0.1,
+    decay=0.25,
+    # Broad at first, curated toward the task by a quarter of the run, then held at the floors.
+    keepmix_schedule=((0.0, {"prose": 0.25, "code": 0.15, "sql": 0.6}),
+                      (0.25, {"prose": 0.125, "code": 0.125, "sql": 0.75}),
+                      (1.0, {"prose": 0.125, "code": 0.125, "sql": 0.75})),
     floors={"prose": 0.125, "code": 0.125},
     sql_eval_seen=24, sql_eval_unseen=24, sql_valid_docs=8, max_valid_tokens=3072,
-    max_new_tokens=112, generate_batch_size=16,
+    max_new_tokens=112, generate_batch_size=48,
 )
+# A first look in ~3 minutes: the same method, fewer steps, shorter rows, a smaller eval.
 QUICK = replace(
-    FULL, steps=8, seq_len=192, sql_eval_seen=12, sql_eval_unseen=12, sql_valid_docs=8,
-    max_valid_tokens=1024, max_new_tokens=72, generate_batch_size=12,
+    FULL, steps=6, seq_len=192, sql_eval_seen=8, sql_eval_unseen=8, sql_valid_docs=4,
+    max_valid_tokens=768, generate_batch_size=16,
 )
 
 
@@ -169,7 +174,7 @@ def arm_config(arm: str, data: DemoData, model_section: dict, s: DemoSettings, o
         schedule = [{"at": 0.0, "weights": weights}]
         floors: dict[str, float] = {}
     else:
-        schedule = [{"at": 0.0, "weights": s.keepmix_start}, {"at": 1.0, "weights": s.keepmix_end}]
+        schedule = [{"at": at, "weights": dict(weights)} for at, weights in s.keepmix_schedule]
         floors = s.floors
     sources = [
         {"name": "prose", "path": str(data.prose_train), "valid_path": str(data.prose_valid)},
@@ -186,9 +191,11 @@ def arm_config(arm: str, data: DemoData, model_section: dict, s: DemoSettings, o
         "model": dict(model_section),
         "sources": sources,
         "mixture": {"schedule": schedule, "interpolation": "linear"},
+        # split_docs False: an SQL example (~190 tokens) is never cut from its prompt across rows.
         "train": {"seq_len": s.seq_len, "batch_size": s.batch_size, "micro_batch_size": s.micro_batch_size,
-                  "steps": s.steps, "lr": s.lr, "lr_schedule": "cosine", "warmup": s.warmup, "seed": s.seed,
-                  "device": device, "threads": s.threads, "split_docs": False, "checkpoint_every": None, "keep_checkpoints": 1},
+                  "steps": s.steps, "lr": s.lr, "lr_schedule": s.lr_schedule, "warmup": s.warmup,
+                  "decay": s.decay, "seed": s.seed, "device": device, "threads": s.threads,
+                  "split_docs": False, "checkpoint_every": None, "keep_checkpoints": 1},
         "eval": {"every": None, "batch_size": 8, "max_valid_tokens": s.max_valid_tokens, "tasks": [sql_task]},
         "output": str(out / arm),
         "cache_dir": str(out / "cache"),
@@ -199,11 +206,10 @@ def describe_mixture(arm: str, s: DemoSettings) -> str:
     if arm == "finetune_only":
         return "SQL task data only (prose and code are measured, never trained on)"
 
-    def shares(w: dict[str, float]) -> str:
-        return " ".join(f"{k} {v:.0%}" for k, v in w.items())
-
+    points = " -> ".join(f"(t={at:g}) " + " ".join(f"{k} {v:.1%}" for k, v in w.items())
+                         for at, w in s.keepmix_schedule)
     floors = ", ".join(f"{k} {v:.1%}" for k, v in s.floors.items())
-    return f"{shares(s.keepmix_start)} -> {shares(s.keepmix_end)}, floors {floors}"
+    return f"{points}; floors {floors}"
 
 
 def read_evals(run_dir: Path) -> list[dict]:

