@@ -11,7 +11,7 @@ result on its last line:
             per batch to the longest by DataCollatorForLanguageModeling.
   trainer   the HF Trainer with the same data and collators (its defaults: fused AdamW on torch >= 2.8).
   keepmix   keepmix's own `train()` on a packed, per-document-attention source.
-  peak      the fp32 matmul rate (2048 x 2048) of this machine, right now, in GFLOP/s.
+  peak      the fp32 matmul rate (2048 x 2048) of this machine, in GFLOP/s, round by round with the arms.
   resume    seconds from this process's launch to the first step of a resumed keepmix run.
   evalmem   the memory keepmix's validation adds over its inputs (resident-set high-water mark).
 
@@ -457,25 +457,8 @@ def _instrument_keepmix(batches: list[dict], *, before_first_step=None, after_st
 
     MixtureSampler.plan = timed_plan
     for name in ("build_rows", "count_tokens"):  # the names the loop calls them by
-        if hasattr(loop, name):
-            setattr(loop, name, timed(getattr(loop, name)))
+        setattr(loop, name, timed(getattr(loop, name)))
     Session.log_train = hooked_log_train
-
-
-def apply_proposed() -> None:
-    """The optimizer change proposed for keepmix/training/loop.py, applied from outside for arm c+.
-
-    torch.optim.AdamW updates one parameter at a time on CPU unless asked otherwise; its fused kernel
-    (torch >= 2.4 on CPU) does the same update in one vectorised, multithreaded pass.
-    """
-    import torch
-
-    class FusedAdamW(torch.optim.AdamW):
-        def __init__(self, params, **kwargs):
-            kwargs.setdefault("fused", True)
-            super().__init__(params, **kwargs)
-
-    torch.optim.AdamW = FusedAdamW
 
 
 def keepmix(spec: dict) -> dict:
@@ -484,8 +467,6 @@ def keepmix(spec: dict) -> dict:
 
     gate, batches = Gate(spec), []
     _instrument_keepmix(batches, before_first_step=gate, after_step=gate)
-    if spec.get("proposed"):
-        apply_proposed()
     cfg = parse_config(keepmix_config(spec, spec["out"]), source="bench", base_dir=Path(spec["out"]).parent)
     train(cfg, progress="quiet", stop_at=spec["steps"])
     records = [json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines()]
@@ -494,19 +475,25 @@ def keepmix(spec: dict) -> dict:
 
 # ---- probes -----------------------------------------------------------------------------------------
 def peak(spec: dict) -> dict:
-    """Best GFLOP/s of a 2048 x 2048 fp32 matmul over `seconds` of repeats (best: the least disturbed)."""
+    """The fp32 matmul rate (2048 x 2048, `reps` products) once per round, in lockstep like an arm.
+
+    Sampled in turn with the arms, it sees the same share of a shared machine as they do, so the arms'
+    model FLOPs can be set against it round for round.
+    """
     import torch
 
     n = 2048
     a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
     torch.mm(a, b, out=out)
-    best, deadline = 0.0, time.perf_counter() + spec["seconds"]
-    while time.perf_counter() < deadline:
+    gate, rates = Gate(spec), []
+    gate()
+    for _ in range(spec["steps"]):
         t0 = time.perf_counter()
-        for _ in range(3):
+        for _ in range(spec["reps"]):
             torch.mm(a, b, out=out)
-        best = max(best, 3 * 2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return {"gflops": best, "threads": torch.get_num_threads()}
+        rates.append(spec["reps"] * 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+        gate()
+    return {"gflops": rates, "threads": torch.get_num_threads(), "peak_rss_mb": _peak_rss_mb()}
 
 
 class _FirstStep(Exception):

@@ -165,6 +165,13 @@ def test_reading_says_keepmix_kept_more_at_equal_task_accuracy():
     assert "fell from 40.0% to 38.0% (-2.0 pts)" in text and "(16 vs 17 of 40 questions right)" in text
 
 
+def test_reading_does_not_claim_equal_task_accuracy_when_neither_arm_learned_the_task():
+    rows = {"base": BASE, "finetune_only": {**BASE, "sql_seen": 0.1, "prose": 0.38, "code": 0.47},
+            "keepmix": {**BASE, "sql_seen": 0.05, "prose": 0.42, "code": 0.51}}
+    text = reading(rows, N)
+    assert "neither arm has learned the task in this budget" in text and "at equal task accuracy:" not in text
+
+
 def test_reading_reports_a_lower_task_accuracy_and_a_loss_honestly():
     ft = {**BASE, "sql_seen": 0.8, "sql_unseen": 0.4, "prose": 0.38, "code": 0.47}
     lower = {"base": BASE, "finetune_only": ft, "keepmix": {**ft, "sql_seen": 0.4, "prose": 0.41, "code": 0.50}}
