@@ -154,6 +154,9 @@ class TrainConfig(_Strict):
         "fused", description="fused: chunked LM head + loss (no full logits); full: plain."
     )
     compile: bool = Field(False, description="torch.compile the model.")
+    fsdp: bool = Field(
+        False, description="With several processes, shard weights, gradients and optimizer state (FSDP2)."
+    )
     threads: int | None = Field(None, gt=0, description="CPU threads (torch.set_num_threads).")
     checkpoint_every: int | None = Field(100, gt=0, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, gt=0, description="Keep the newest K complete checkpoints.")

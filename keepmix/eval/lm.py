@@ -32,18 +32,27 @@ def validation_metrics(
     rank: int = 0,
     world_size: int = 1,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    lockstep: bool = False,
 ) -> dict[str, float]:
+    """`lockstep`: every process makes the same number of forward calls (a sharded model needs all of
+    them in each), the ones with fewer rows scoring a filler batch that is not counted."""
     was_training = loss_model.training
     loss_model.eval()
     out = {}
     for index, (name, docs) in enumerate(valid):
         if len(docs) == 0:
             continue
-        plans = eval_plans(docs, seq_len, index, max_tokens)[rank::world_size]
+        every = eval_plans(docs, seq_len, index, max_tokens)
+        plans = every[rank::world_size]
+        sources = [docs if j == index else None for j in range(len(valid))]
+        most = -(-len(every) // world_size) if lockstep else len(plans)  # rows of the busiest process
         sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, tokens
-        for i in range(0, len(plans), batch_size):
-            rows = build_rows(plans[i : i + batch_size], [docs if j == index else None for j in range(len(valid))],
-                              seq_len, pad_id)
+        for i in range(0, most, batch_size):
+            if i >= len(plans):  # lockstep filler: keeps this process in the collective, adds nothing
+                filler = build_rows(every[:1], sources, seq_len, pad_id)
+                run_rows(loss_model, filler, torch.zeros(filler.labels.numel()), device)
+                continue
+            rows = build_rows(plans[i : i + batch_size], sources, seq_len, pad_id)
             weights = torch.zeros(rows.labels.numel())
             _, token_loss, token_correct = run_rows(loss_model, rows, weights, device)
             mask = rows.labels.reshape(-1) != -100

@@ -22,7 +22,7 @@ import yaml
 
 from keepmix.config import RunConfig, changed_keys, config_to_dict, dump_config
 from keepmix.errors import KeepmixError
-from keepmix.model import add_lora, load_model, load_trainable_state, trainable_state
+from keepmix.model import add_lora, load_model, load_trainable_state, save_final, trainable_state
 from keepmix.training import checkpoint as ckpt
 
 
@@ -58,6 +58,9 @@ def make_accelerator(device: str, precision: str):
     cuda = torch.cuda.is_available() and device != "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise KeepmixError("train.device is 'cuda' but no CUDA device is available")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise KeepmixError("keepmix shards the model itself: set train.fsdp: true in the config and launch "
+                           "without accelerate's FSDP options (--use_fsdp / an FSDP accelerate config)")
     mixed = "bf16" if cuda and precision in ("auto", "bf16") else "no"
     return Accelerator(cpu=not cuda, mixed_precision=mixed)
 
@@ -70,6 +73,9 @@ class Session:
         self.state = TrainState()
         self.accelerator = make_accelerator(cfg.train.device, cfg.train.precision)
         self.main = self.accelerator.is_main_process
+        # with one process there is nothing to shard: the run is the plain one
+        self.fsdp = cfg.train.fsdp and self.accelerator.num_processes > 1
+        self._root = None  # the sharded LossModel (FSDP)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.ckpt_root = self.run_dir / "checkpoints"
         self.last_metrics: dict[str, float] = {}
@@ -80,14 +86,7 @@ class Session:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         m = cfg.model
-        self.model, self.tokenizer = load_model(
-            cfg.resolve(m.name), gguf_file=m.gguf_file, tokenizer=cfg.resolve(m.tokenizer), init=m.init,
-            architecture=m.architecture, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-            attn_implementation=m.attn_implementation, seed=cfg.train.seed,
-        )
-        if m.lora:
-            self.model = add_lora(self.model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
-                                  target_modules=m.lora.target_modules)
+        self.model, self.tokenizer = self._load_model()
         if m.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
             self.model.config.use_cache = False
@@ -95,6 +94,52 @@ class Session:
         self._tasks = list(cfg.eval.tasks)
         if self.main:
             self._log_start()
+
+    def _load_model(self):
+        m, cfg = self.cfg.model, self.cfg
+        model, tokenizer = load_model(
+            cfg.resolve(m.name), gguf_file=m.gguf_file, tokenizer=cfg.resolve(m.tokenizer), init=m.init,
+            architecture=m.architecture, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+            attn_implementation=m.attn_implementation, seed=cfg.train.seed,
+        )
+        if m.lora:
+            model = add_lora(model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                             target_modules=m.lora.target_modules)
+        return model, tokenizer
+
+    # ---- distribution ---------------------------------------------------------------------------
+    def wrap(self, loss_model):
+        """The LossModel ready to train: DDP through accelerate, or sharded (FSDP); compiled on request.
+        Build the optimizer from the returned module's parameters (sharding replaces them)."""
+        acc = self.accelerator
+        if self.fsdp:
+            from keepmix.training import sharding
+
+            self._root = sharding.shard(loss_model.to(acc.device), self.model, bf16=acc.mixed_precision == "bf16")
+            return torch.compile(self._root) if self.cfg.train.compile else self._root
+        if self.cfg.train.compile:
+            loss_model = torch.compile(loss_model)
+        return acc.prepare(loss_model)
+
+    def no_sync(self, loss_model, sync: bool):
+        """Skip the gradient reduction of a micro-batch unless `sync` (the last of a step)."""
+        if sync:
+            return contextlib.nullcontext()
+        if self.fsdp:
+            from keepmix.training.sharding import no_gradient_sync
+
+            return no_gradient_sync(self._root)
+        return self.accelerator.no_sync(loss_model)
+
+    def clip_gradients(self, params: list) -> torch.Tensor:
+        """Clip to train.grad_clip (if set); the global gradient norm before clipping, as a plain tensor."""
+        from keepmix.training.sharding import total_norm
+
+        clip = self.cfg.train.grad_clip
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = (torch.nn.utils.clip_grad_norm_(params, clip) if clip is not None
+                else torch.nn.utils.get_total_norm(grads))
+        return total_norm(norm)
 
     # ---- run directory --------------------------------------------------------------------------
     def _prepare_run_dir(self, resume: bool) -> Path | None:
@@ -225,18 +270,23 @@ class Session:
         from keepmix.eval.tasks import run_task
 
         out = {}
-        if self.main:
+        # A sharded model needs every process in each forward, so under FSDP all of them run the tasks
+        # (same items, same results); otherwise the main process runs them and shares the numbers.
+        if self.main or self.fsdp:
+            from keepmix.training.sharding import gathered_root
+
             model = self.accelerator.unwrap_model(self.model)
             was_training = model.training
             model.eval()
-            for task in self._tasks:
-                for key, value in run_task(task, model, self.tokenizer, base_dir=Path(self.cfg.base_dir),
-                                           device=self.accelerator.device,
-                                           batch_size=self.cfg.eval.batch_size).items():
-                    out[f"task/{task.name}/{key}"] = value
+            with gathered_root(self._root) if self.fsdp else contextlib.nullcontext():
+                for task in self._tasks:
+                    for key, value in run_task(task, model, self.tokenizer, base_dir=Path(self.cfg.base_dir),
+                                               device=self.accelerator.device,
+                                               batch_size=self.cfg.eval.batch_size).items():
+                        out[f"task/{task.name}/{key}"] = value
             if was_training:
                 model.train()
-        if self.accelerator.num_processes > 1:
+        if self.accelerator.num_processes > 1 and not self.fsdp:
             from accelerate.utils import broadcast_object_list
 
             out = broadcast_object_list([out])[0]
@@ -263,24 +313,43 @@ class Session:
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, sampler, optimizer, scheduler) -> None:
-        acc = self.accelerator
+        acc, st = self.accelerator, self.state
+        staging = None
+        if self.fsdp:  # every process writes its shards into the staging folder first
+            from keepmix.training.sharding import save_sharded
+
+            if self.main:
+                ckpt.staging_dir(self.ckpt_root, st.step)
+            acc.wait_for_everyone()
+            staging = ckpt.staging_path(self.ckpt_root, st.step)
+            save_sharded(staging / ckpt.SHARDED, self._root, optimizer)
+            acc.wait_for_everyone()
         if self.main:
-            st = self.state
             state = {"step": st.step, "micro_step": st.micro_step, "tokens_seen": st.tokens_seen,
                      "elapsed": self.now(), "baseline": st.baseline, "sampler": sampler.state_dict(),
                      "world_size": acc.num_processes}
-            model = acc.unwrap_model(self.model)
-            path = ckpt.save_checkpoint(self.ckpt_root, st.step, weights=trainable_state(model),
-                                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                        state=state, keep=self.cfg.train.keep_checkpoints,
+            weights = None if self.fsdp else trainable_state(acc.unwrap_model(self.model))
+            path = ckpt.save_checkpoint(self.ckpt_root, st.step, weights=weights,
+                                        optimizer=None if self.fsdp else optimizer.state_dict(),
+                                        scheduler=scheduler.state_dict(), state=state,
+                                        keep=self.cfg.train.keep_checkpoints, staging=staging,
                                         extra_files={"config.yaml": (self.run_dir / "config.yaml").read_text()})
             self.progress.message(f"checkpoint: {path}")
         acc.wait_for_everyone()
 
     def load_checkpoint(self, sampler, optimizer, scheduler) -> int:
         loaded = ckpt.load_checkpoint(self._latest)
-        load_trainable_state(self.accelerator.unwrap_model(self.model), loaded["weights"])
-        optimizer.load_state_dict(loaded["optimizer"])
+        if (loaded["sharded"] is not None) != self.fsdp:
+            raise KeepmixError(f"cannot resume {self._latest}: it was written "
+                               f"{'with' if loaded['sharded'] is not None else 'without'} FSDP sharding and "
+                               f"this run is {'sharded' if self.fsdp else 'not sharded'}")
+        if self.fsdp:
+            from keepmix.training.sharding import load_sharded
+
+            load_sharded(loaded["sharded"], self._root, optimizer)
+        else:
+            load_trainable_state(self.accelerator.unwrap_model(self.model), loaded["weights"])
+            optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
         ckpt.set_rng_state(loaded["rng"])
         s = loaded["state"]
@@ -291,6 +360,27 @@ class Session:
         self._clock = time.perf_counter()
         self.progress.message(f"resumed from {self._latest} (step {st.step})")
         return st.step
+
+    def save_final(self) -> Path | None:
+        """final/ in Hugging Face format, written by the main process (under FSDP every process first
+        sends its shards, and the main process loads them into a whole copy of the model)."""
+        out = self.run_dir / "final"
+        merge = bool(self.cfg.model.lora and self.cfg.model.lora.merge)
+        model = self.accelerator.unwrap_model(self.model)
+        if self.fsdp:
+            from keepmix.training.sharding import full_state_dict
+
+            weights = full_state_dict(model)
+            if not self.main:
+                return None
+            model, _ = self._load_model()
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            tied = {k for k in missing if k.endswith(("lm_head.weight", "embed_out.weight"))}
+            if unexpected or set(missing) - tied:
+                raise KeepmixError(f"gathered weights do not match the model (missing {sorted(missing)[:3]}, "
+                                   f"unexpected {sorted(unexpected)[:3]})")
+            model.tie_weights()
+        return save_final(model, self.tokenizer, out, merge_lora=merge) if self.main else None
 
     def lr_scheduler(self, optimizer):
         return _lr_scheduler(optimizer, self.cfg.train)

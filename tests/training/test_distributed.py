@@ -93,3 +93,66 @@ def test_two_process_run_killed_and_resumed_equals_uninterrupted(make_run):
     assert [r["loss"] for r in train_records(b)] == [r["loss"] for r in train_records(a)]
     assert exposures(a) == exposures(b)
     assert train_records(b, "start")[-1]["resumed_from"] is not None
+
+
+def final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted((run_dir / "final").glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_fsdp_equals_one_process_and_resumes_exactly(make_run):
+    """Sharded weights and optimizer state (train.fsdp) change where the numbers live, not the numbers."""
+    import torch
+
+    fsdp = {"train": {**RUN["train"], "fsdp": True}, "eval": RUN["eval"]}
+    one, whole, halves = make_run("one", **RUN), make_run("fsdp", **fsdp), make_run("halves", **fsdp)
+    launch(one, 1)
+    launch(whole, 2)
+    launch(halves, 2, "--stop-at", "4")
+    launch(halves, 2, "--resume")
+    a, b, c = (p.parent / "out" for p in (one, whole, halves))
+    assert exposures(a) == exposures(b) == exposures(c)
+    la, lb, lc = ([r["loss"] for r in train_records(x)] for x in (a, b, c))
+    assert lb == pytest.approx(la, rel=1e-4, abs=1e-5)
+    assert lc == lb  # the sharded checkpoint restores every bit
+    for x, y in zip(train_records(a, "eval"), train_records(b, "eval")):
+        assert y["metrics"] == pytest.approx(x["metrics"], rel=1e-4)
+    # each process wrote its own shard; no whole-model copy in the checkpoint
+    ckpt = b / "checkpoints" / "step-00000010"
+    assert len(list((ckpt / "sharded").glob("*.distcp"))) == 2
+    assert not (ckpt / "weights.safetensors").exists() and not (ckpt / "optimizer.pt").exists()
+    # final/ holds the whole model, gathered from the shards
+    wa, wb, wc = final_weights(a), final_weights(b), final_weights(c)
+    assert set(wa) == set(wb) == set(wc)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+        assert torch.equal(wc[k], wb[k])
+
+
+def test_fsdp_with_lora_tied_embeddings_and_tasks(make_run):
+    """LoRA under FSDP, a model whose head shares the embedding, and task evals that need every process."""
+    from transformers import AutoModelForCausalLM
+
+    examples = ROOT / "examples" / "tasks"
+    tasks = [{"name": "mc", "kind": "multiple_choice", "path": str(examples / "general_choice.jsonl"), "limit": 6},
+             {"name": "sql", "kind": "sql_execution", "path": str(examples / "shop_sql.jsonl"),
+              "database": str(examples / "shop.sqlite"), "max_new_tokens": 6, "limit": 3}]
+    cfg = {"model": {"architecture": {"tie_word_embeddings": True},
+                     "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "merge": True}},
+           "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 4}, "eval": {"every": 2, "tasks": tasks}}
+    one = make_run("one", **cfg)
+    two = make_run("two", **{**cfg, "train": {**cfg["train"], "fsdp": True}})
+    launch(one, 1)
+    launch(two, 2)
+    a, b = one.parent / "out", two.parent / "out"
+    for x, y in zip(train_records(a, "eval"), train_records(b, "eval"), strict=True):
+        assert {"task/mc/acc", "task/sql/acc"} <= set(y["metrics"])
+        assert y["metrics"] == pytest.approx(x["metrics"], rel=1e-4)
+    assert [r["loss"] for r in train_records(b)] == pytest.approx([r["loss"] for r in train_records(a)], rel=1e-4)
+    assert (b / "checkpoints" / "step-00000004" / "sharded").is_dir()
+    merged = AutoModelForCausalLM.from_pretrained(b / "final")  # the adapter merged into a whole model
+    assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()  # still tied
+    reference = AutoModelForCausalLM.from_pretrained(a / "final")
+    for (name, p), q in zip(merged.named_parameters(), reference.parameters(), strict=True):
+        assert p.shape == q.shape and (p - q).abs().max() < 1e-5, name

@@ -77,6 +77,14 @@ def test_resume_refuses_a_changed_config(make_run):
     assert result.status == "completed"
 
 
+def test_accelerate_fsdp_launch_is_refused_with_the_keepmix_setting(make_run, monkeypatch):
+    config = make_run(train={"steps": 2, "checkpoint_every": 2})
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(KeepmixError, match=r"set train\.fsdp: true"):
+        train(config, progress="quiet")
+    assert not (config.parent / "out").exists()
+
+
 def test_loss_model_isolates_packed_documents(tokenizer):
     """The training path's per-token losses on a packed row equal each document's losses alone."""
     from transformers import AutoConfig, AutoModelForCausalLM
