@@ -76,7 +76,7 @@ QUICK = Scale(items=96, valid_items=16, batch_size=8, low_lr=3e-4, high_lr=3e-3,
               tiny=TINY_QUICK)
 FULL_SCRATCH = Scale(items=240, valid_items=32, batch_size=8, low_lr=3e-4, high_lr=3e-3, warmup_steps=3,
                      threads=1, tiny=TINY_FULL)
-FULL_PRETRAINED = Scale(items=200, valid_items=32, batch_size=8, low_lr=1e-5, high_lr=1e-4, warmup_steps=3)
+FULL_PRETRAINED = Scale(items=200, valid_items=32, batch_size=8, low_lr=1e-5, high_lr=1e-3, warmup_steps=3)
 
 
 # ---- made-up facts ----------------------------------------------------------------------------------
@@ -272,48 +272,56 @@ def _train_or_reuse(data: dict, run_dir: Path, progress: str) -> Path:
 def _arm_summary(lr: float, run_dir: Path, d: dict) -> dict:
     end = next(r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()[::-1])
                if r["kind"] == "end")
-    drops = {f"{r['from_view']}->{r['to_view']}": r for r in d["view_drops"].get(SOURCE, [])}
+    boundaries = [b for b in d["boundaries"] if b["source"] == SOURCE]
+    points = d["validation_gap"].get(SOURCE, {}).get("points", [])
     return {"lr": lr, "run_dir": str(run_dir), "steps": end["step"], "wall_s": end["wall_s"],
             "tokens_per_s": end["tokens_per_s"],
-            "boundaries": [{k: b[k] for k in ("epoch", "step", "delta", "z", "detected")}
-                           for b in d["boundaries"] if b["source"] == SOURCE],
+            "boundaries": [{k: b[k] for k in ("epoch", "step", "delta", "z", "detected")} for b in boundaries],
             "loss_by_view": {r["view"]: r["mean_loss"] for r in d["loss_by_view"].get(SOURCE, [])},
-            "view_drops": {k: r["delta"] for k, r in drops.items()},
+            "view_drops": {f"{r['from_view']}->{r['to_view']}": r["delta"] for r in d["view_drops"].get(SOURCE, [])},
             "lr_vs_drop": d["lr_vs_drop"].get(SOURCE, {}),
-            "validation": [(p["step"], p["valid_loss"]) for p in d["validation_gap"].get(SOURCE, {}).get("points", [])],
-            "clunks": sum(b["detected"] for b in d["boundaries"] if b["source"] == SOURCE)}
+            "validation": [(p["step"], p["valid_loss"]) for p in points],
+            # held-out loss minus the loss of repeated items at the last eval: what memorizing bought
+            "memorization_gap": points[-1]["memorization_gap"] if points else None,
+            "clunks": sum(b["detected"] for b in boundaries),
+            "tested": sum(b["z"] is not None for b in boundaries)}
 
 
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _boundary_cell(b: dict | None) -> str:
+    if b is None or b["z"] is None:
+        return "not tested"
+    return f"{b['delta']:+.3f} (z {b['z']:.1f}) {'clunk' if b['detected'] else 'no clunk'}"
+
+
 def compare(arms: dict[str, dict]) -> list[str]:
     """Side-by-side lines for the two arms' summaries (keys low_lr, high_lr)."""
     low, high = arms["low_lr"], arms["high_lr"]
-    col = 27
+    both = (low, high)
     rows = [("", f"low LR {low['lr']:.0e}", f"high LR {high['lr']:.0e}")]
-    for i, b in enumerate(low["boundaries"]):
-        h = high["boundaries"][i]
-        cells = [f"{x['delta']:+.3f} (z {x['z']:.1f}) {'clunk' if x['detected'] else 'no clunk'}"
-                 if x["z"] is not None else "not tested" for x in (b, h)]
-        rows.append((f"boundary, pass {b['epoch']} (step {b['step']})", *cells))
-    views = sorted(set(low["loss_by_view"]) | set(high["loss_by_view"]))
-    for v in views:
-        rows.append((f"loss at view {v}", _fmt(low["loss_by_view"].get(v), ".3f"),
-                     _fmt(high["loss_by_view"].get(v), ".3f")))
-    for k in low["view_drops"]:
-        rows.append((f"same items, view {k}", _fmt(low["view_drops"][k], "+.3f"),
-                     _fmt(high["view_drops"].get(k), "+.3f")))
+    by_pass = [{b["epoch"]: b for b in a["boundaries"]} for a in both]
+    for epoch in sorted(set(by_pass[0]) | set(by_pass[1])):
+        step = (by_pass[0].get(epoch) or by_pass[1][epoch])["step"]
+        rows.append((f"boundary, pass {epoch} (step {step})", *[_boundary_cell(b.get(epoch)) for b in by_pass]))
+    for v in sorted(set(low["loss_by_view"]) | set(high["loss_by_view"])):
+        rows.append((f"loss at view {v}", *[_fmt(a["loss_by_view"].get(v), ".3f") for a in both]))
+    for k in sorted(set(low["view_drops"]) | set(high["view_drops"])):
+        rows.append((f"same items, view {k}", *[_fmt(a["view_drops"].get(k), "+.3f") for a in both]))
     rows.append(("LR vs 2nd-view fall (rho)", *[
         f"{_fmt(a['lr_vs_drop'].get('spearman_rho'), '+.2f')} (p {_fmt(a['lr_vs_drop'].get('p_value'), '.2g')})"
-        for a in (low, high)]))
+        for a in both]))
     rows.append(("held-out loss, start -> end", *[
         f"{_fmt(a['validation'][0][1], '.3f')} -> {_fmt(a['validation'][-1][1], '.3f')}" if a["validation"] else "-"
-        for a in (low, high)]))
-    lines = [f"  {name:<34}{a:>{col}}{b:>{col}}" for name, a, b in rows]
-    shown = [name for name, a in (("low", low), ("high", high)) if a["clunks"]]
-    verdict = (f"A clunk appeared with the {' and the '.join(shown)} learning rate." if shown
+        for a in both]))
+    rows.append(("held-out minus repeated, end", *[_fmt(a["memorization_gap"], "+.3f") for a in both]))
+    rows.append(("training wall time", *[f"{a['wall_s']:.0f} s ({a['tokens_per_s']:.0f} tok/s)" for a in both]))
+    lines = [f"  {name:<34}{a:>27}{b:>27}" for name, a, b in rows]
+    shown = [f"{name} learning rate ({a['clunks']} of {a['tested']} tested boundaries)"
+             for name, a in (("low", low), ("high", high)) if a["clunks"]]
+    verdict = (f"A clunk appeared with the {' and with the '.join(shown)}." if shown
                else "No clunk appeared at either learning rate at this scale.")
     return lines + [f"  {verdict}"]
 
@@ -353,7 +361,7 @@ def run_experiment(out: Path, scale: Scale, model: dict | None, *, progress: str
               f"{scale.passes} passes, {steps} steps of {scale.batch_size} rows x {seq_len} tokens per arm")
     summary = {"model": label, "scale": asdict(scale), "seq_len": seq_len, "steps": steps, "arms": arms,
                "comparison": [header, *lines], "wall_s": round(time.perf_counter() - started, 1)}
-    text = "\n".join([header, *lines, f"  wall time {summary['wall_s']:.0f} s"])
+    text = "\n".join([header, *lines, f"  this call took {summary['wall_s']:.0f} s (completed arms are reused)"])
     print(f"\n{text}")
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     (out / "summary.txt").write_text(text + "\n", encoding="utf-8")
