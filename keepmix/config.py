@@ -170,6 +170,9 @@ class EvalConfig(_Strict):
         None, gt=0, description="Cap on validation tokens per source (None: all held-out docs)."
     )
     retention_tolerance: float = Field(0.02, ge=0, description="Allowed loss per metric vs baseline.")
+    baseline_from: str | None = Field(
+        None, description="A run whose step-0 eval to reuse as the baseline (same model, data and eval; checked)."
+    )
     tasks: list[Annotated[TaskConfig, Field(discriminator="kind")]] = Field(
         default_factory=list, description="Task evaluators (multiple_choice, generation, sql_execution)."
     )
@@ -323,6 +326,9 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
             resolved = cfg.resolve(getattr(task, field, None))
             if resolved and Path(resolved).is_absolute() and not Path(resolved).exists():
                 problems.append(f"eval.tasks[{i}].{field}: file not found: {resolved}")
+    if cfg.eval.baseline_from and not (Path(cfg.resolve_local(cfg.eval.baseline_from)) / "metrics.jsonl").exists():
+        problems.append(f"eval.baseline_from: no run at {cfg.resolve_local(cfg.eval.baseline_from)} "
+                        f"(no metrics.jsonl there)")
     task_names = [task.name for task in cfg.eval.tasks]
     for name in {n for n in task_names if task_names.count(n) > 1}:
         problems.append(f"eval.tasks: duplicate task name {name!r}")
@@ -406,6 +412,8 @@ def config_to_dict(cfg: RunConfig) -> dict:
             if data["eval"]["tasks"][i].get(field):
                 data["eval"]["tasks"][i][field] = cfg.resolve(getattr(task, field))
     data["output"] = cfg.resolve_local(cfg.output)
+    if cfg.eval.baseline_from:
+        data["eval"]["baseline_from"] = cfg.resolve_local(cfg.eval.baseline_from)
     data["cache_dir"] = cfg.resolve_local(cfg.cache_dir) if cfg.cache_dir else None
     return data
 
@@ -429,16 +437,33 @@ RESUME_SAFE_KEYS = (
 )
 
 
-def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two resolved configs, except resume-safe ones."""
+# Keys that cannot change what the untouched model scores at step 0: a run may reuse another run's
+# baseline eval (eval.baseline_from) when everything else is equal. sources[].floor is dropped separately.
+BASELINE_SAFE_KEYS = (
+    "mixture",
+    "output",
+    "cache_dir",
+    "trackers",
+    "eval.every",
+    "eval.retention_tolerance",
+    "eval.baseline_from",
+    "model.lora.merge",
+    *(f"train.{k}" for k in ("steps", "lr", "min_lr_ratio", "lr_schedule", "warmup", "decay", "weight_decay",
+                             "betas", "eps", "grad_clip", "batch_size", "micro_batch_size", "checkpoint_every",
+                             "keep_checkpoints", "log_every", "compile", "threads", "fsdp")),
+)
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "", safe: tuple[str, ...] = RESUME_SAFE_KEYS) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs, except the `safe` ones."""
     out = []
     for key in sorted(set(old) | set(new)):
         dotted = f"{prefix}{key}"
-        if any(dotted == k or dotted.startswith(k + ".") for k in RESUME_SAFE_KEYS):
+        if any(dotted == k or dotted.startswith(k + ".") for k in safe):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += changed_keys(a, b, dotted + ".")
+            out += changed_keys(a, b, dotted + ".", safe)
         elif a != b:
             out.append(dotted)
     return out

@@ -10,6 +10,7 @@ request), with the tokenizer.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -26,6 +27,14 @@ def quiet_transformers() -> None:
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
+    # the GGUF converter draws a raw tqdm bar that the switch above does not reach
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None and not isinstance(bar, functools.partial):
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
 
 
 def load_tokenizer(name: str, *, gguf_file: str | None = None, trust_remote_code: bool = False):

@@ -11,8 +11,9 @@ Contract of `run_demo(out, ...)`:
   Each arm is a normal keepmix run directory `out/<arm>` (metrics.jsonl, report.html, final/); the
   checkpoint of the finished run is removed (final/ holds the weights). A previous demo's arm folders
   are replaced.
-- "base" is the step-0 eval of the runs (the same base model, the same held-out data); the arms'
-  step-0 metrics are compared and the largest difference is reported as `base_check`.
+- "base" is the step-0 eval of the untouched model, computed once in the first arm and reused by the
+  second (`eval.baseline_from`: the same model, held-out data and tasks, which keepmix checks); the
+  arms' step-0 records are compared and the largest difference is reported as `base_check`.
 - The verdict (rows base / fine-tune only / keepmix; SQL execution accuracy on seen and unseen
   templates, prose and code token accuracy on held-out documents, deltas vs base) is printed and
   saved as `out/verdict.json` and `out/verdict.md`, with a plain-language reading derived from the
@@ -196,7 +197,9 @@ def arm_config(arm: str, data: DemoData, model_section: dict, s: DemoSettings, o
                   "steps": s.steps, "lr": s.lr, "lr_schedule": s.lr_schedule, "warmup": s.warmup,
                   "decay": s.decay, "seed": s.seed, "device": device, "threads": s.threads,
                   "split_docs": False, "checkpoint_every": None, "keep_checkpoints": 1},
-        "eval": {"every": None, "batch_size": 8, "max_valid_tokens": s.max_valid_tokens, "tasks": [sql_task]},
+        "eval": {"every": None, "batch_size": 8, "max_valid_tokens": s.max_valid_tokens, "tasks": [sql_task],
+                 # the same base model on the same held-out data: evaluate it once, in the first arm
+                 "baseline_from": str(out / ARMS[0]) if arm != ARMS[0] else None},
         "output": str(out / arm),
         "cache_dir": str(out / "cache"),
     }

@@ -84,8 +84,11 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
         s.log_eval(metrics)
 
     s.progress.start(t.steps, state.step, names, title=f"keepmix train → {s.run_dir}")
-    if state.step == 0:
-        evaluate()  # the baseline: every retention figure is relative to it
+    if state.step == 0:  # the baseline: every retention figure is relative to it
+        if s.reused_baseline is None:
+            evaluate()
+        else:
+            s.log_eval(s.reused_baseline)
     step_start = time.perf_counter()
     while state.step < t.steps:
         # ---- plan the global batch; this process builds only its rows -------------------------------

@@ -80,6 +80,7 @@ class Session:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.last_metrics: dict[str, float] = {}
         self.last_retention: dict[str, dict] = {}
+        self.reused_baseline = self._read_baseline()  # checked before anything is written
         self._latest = self._prepare_run_dir(resume)
         self._trackers = None
         self._clock = time.perf_counter()
@@ -292,6 +293,37 @@ class Session:
             out = broadcast_object_list([out])[0]
         return out
 
+    def _read_baseline(self) -> dict[str, float] | None:
+        """The step-0 metrics of eval.baseline_from — the same untouched model on the same held-out data
+        and tasks, so evaluating it again would give the same numbers — or None when not set."""
+        if not self.cfg.eval.baseline_from:
+            return None
+        from keepmix.config import BASELINE_SAFE_KEYS
+
+        other = Path(self.cfg.resolve_local(self.cfg.eval.baseline_from))
+
+        def comparable(data: dict) -> dict:
+            # sources by position, so a difference names its key (sources.0.path); floors only steer training
+            return {**data, "sources": {str(i): {k: v for k, v in src.items() if k != "floor"}
+                                        for i, src in enumerate(data["sources"])}}
+
+        try:
+            saved = yaml.safe_load((other / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise KeepmixError(f"eval.baseline_from: cannot read {other / 'config.yaml'} ({err})") from None
+        changed = changed_keys(comparable(saved), comparable(config_to_dict(self.cfg)), safe=BASELINE_SAFE_KEYS)
+        if changed:
+            raise KeepmixError(f"eval.baseline_from: {other} evaluated another model or other data: "
+                               f"{', '.join(changed)} differ; its baseline would not be this run's")
+        for line in (other / "metrics.jsonl").read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("kind") == "eval" and record.get("step") == 0:
+                return record["metrics"]
+        raise KeepmixError(f"eval.baseline_from: {other}/metrics.jsonl has no step-0 eval record")
+
     def log_eval(self, metrics: dict[str, float]) -> None:
         from keepmix.eval.retention import compute_retention
 
@@ -305,6 +337,8 @@ class Session:
         self.last_metrics, self.last_retention = metrics, retention
         record = {"kind": "eval", "step": st.step, "tokens_seen": st.tokens_seen, "time": round(self.now(), 3),
                   "metrics": metrics, "retention": retention}
+        if st.step == 0 and self.cfg.eval.baseline_from:
+            record["baseline_from"] = self.cfg.resolve_local(self.cfg.eval.baseline_from)
         self.log(record)
         if self.main:
             self.progress.eval(record)

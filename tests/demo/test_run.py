@@ -108,8 +108,9 @@ def test_arm_run_dirs_hold_metrics_report_and_final_model(demo):
 def test_arms_share_the_budget_and_differ_only_in_the_mixture(demo):
     out, _ = demo
     configs = [yaml.safe_load((out / arm / "config.yaml").read_text()) for arm in ARMS]
+    assert configs[1]["eval"]["baseline_from"] == str(out / ARMS[0])  # the base model is evaluated once
     for cfg in configs:
-        cfg.pop("mixture"), cfg.pop("output")
+        cfg.pop("mixture"), cfg.pop("output"), cfg["eval"].pop("baseline_from")
         for source in cfg["sources"]:
             source.pop("floor")
     assert configs[0] == configs[1]

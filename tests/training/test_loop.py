@@ -85,6 +85,33 @@ def test_accelerate_fsdp_launch_is_refused_with_the_keepmix_setting(make_run, mo
     assert not (config.parent / "out").exists()
 
 
+def test_baseline_from_reuses_the_step0_eval_of_the_same_model_and_data(make_run):
+    short = {"steps": 2, "checkpoint_every": 2}
+    first = make_run("first", train=short, eval={"every": None})
+    train(first, progress="quiet")
+    baseline = train_records(first.parent / "out", "eval")[0]
+    # another mixture and optimisation, the same model, data and eval: the baseline is reused
+    sources = yaml.safe_load(first.read_text())["sources"]
+    for source in sources:  # the same files, not copies
+        source["path"] = str(first.parent / source["path"])
+    arm = {"train": {**short, "lr": 1e-3, "warmup": 0}, "mixture": {"floor": 0.3}, "sources": sources}
+    fresh = make_run("fresh", **arm, eval={"every": None})
+    reused = make_run("reused", **arm, eval={"every": None, "baseline_from": str(first.parent / "out")})
+    train(fresh, progress="quiet")
+    result = train(reused, progress="quiet")
+    got = train_records(reused.parent / "out", "eval")[0]
+    assert got["metrics"] == baseline["metrics"] == train_records(fresh.parent / "out", "eval")[0]["metrics"]
+    assert got["baseline_from"] == str((first.parent / "out").resolve())
+    fresh_retention = json.loads((fresh.parent / "out" / "retention.json").read_text())["retention"]
+    assert result.retention == fresh_retention
+    # another model or other held-out data: refused before anything is written
+    other = make_run("other", train={**short, "seq_len": 32}, sources=sources,
+                     eval={"baseline_from": str(first.parent / "out")})
+    with pytest.raises(KeepmixError, match=r"evaluated another model or other data: train\.seq_len differ"):
+        train(other, progress="quiet")
+    assert not (other.parent / "out").exists()
+
+
 def test_loss_model_isolates_packed_documents(tokenizer):
     """The training path's per-token losses on a packed row equal each document's losses alone."""
     from transformers import AutoConfig, AutoModelForCausalLM
