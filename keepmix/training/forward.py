@@ -24,7 +24,17 @@ class LossModel(nn.Module):
         super().__init__()
         self.model = model
         self.loss_impl = loss_impl
-        self.trunk, self.head = trunk_and_head(model)
+        # a plain tuple, not submodules: they are already inside `model`, and registering them again
+        # would put every weight twice into a state dict (a sharded checkpoint saved them twice)
+        self._parts = trunk_and_head(model)
+
+    @property
+    def trunk(self) -> nn.Module:
+        return self._parts[0]
+
+    @property
+    def head(self) -> nn.Module:
+        return self._parts[1]
 
     def forward(self, input_ids, position_ids, labels, token_weights):
         # use_cache=False matters: with a cache, transformers ignores the document boundaries that the
