@@ -130,8 +130,9 @@ def test_fsdp_equals_one_process_and_resumes_exactly(make_run):
         assert torch.equal(wc[k], wb[k])
 
 
-def test_fsdp_with_lora_tied_embeddings_and_tasks(make_run):
-    """LoRA under FSDP, a model whose head shares the embedding, and task evals that need every process."""
+def test_fsdp_with_lora_tied_embeddings_checkpointing_and_tasks(make_run):
+    """LoRA under FSDP with gradient checkpointing, a model whose head shares the embedding, and task evals
+    that need every process."""
     from transformers import AutoModelForCausalLM
 
     examples = ROOT / "examples" / "tasks"
@@ -142,7 +143,9 @@ def test_fsdp_with_lora_tied_embeddings_and_tasks(make_run):
                      "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "merge": True}},
            "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 4}, "eval": {"every": 2, "tasks": tasks}}
     one = make_run("one", **cfg)
-    two = make_run("two", **{**cfg, "train": {**cfg["train"], "fsdp": True}})
+    # the sharded run also recomputes activations in backward (gradient checkpointing): same numbers
+    two = make_run("two", **{**cfg, "model": {**cfg["model"], "gradient_checkpointing": True},
+                             "train": {**cfg["train"], "fsdp": True}})
     launch(one, 1)
     launch(two, 2)
     a, b = one.parent / "out", two.parent / "out"
