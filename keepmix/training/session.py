@@ -315,12 +315,10 @@ class Session:
         if changed:
             raise KeepmixError(f"eval.baseline_from: {other} evaluated another model or other data: "
                                f"{', '.join(changed)} differ; its baseline would not be this run's")
-        for line in (other / "metrics.jsonl").read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("kind") == "eval" and record.get("step") == 0:
+        from keepmix.report.metrics import of_kind, read_metrics
+
+        for record in of_kind(read_metrics(other / "metrics.jsonl"), "eval"):
+            if record.get("step") == 0:
                 return record["metrics"]
         raise KeepmixError(f"eval.baseline_from: {other}/metrics.jsonl has no step-0 eval record")
 
