@@ -34,12 +34,10 @@ def cmd_train(args) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return  # one process reports
     _print_retention(result)
-    diagnostics = result.run_dir / "diagnostics.json"
-    if diagnostics.exists():
-        import json
+    from keepmix.report.metrics import read_diagnostics
 
-        for line in json.loads(diagnostics.read_text()).get("summary", []):
-            print(f"memorization: {line}")
+    for line in (read_diagnostics(result.run_dir) or {}).get("summary", []):
+        print(f"memorization: {line}")
     print(f"run directory: {result.run_dir}\nfinal model:   {result.final_dir or '(stopped early: resume with --resume)'}")
     if not args.no_report:
         _report([result.run_dir])

@@ -216,15 +216,10 @@ def describe_mixture(arm: str, s: DemoSettings) -> str:
 
 
 def read_evals(run_dir: Path) -> list[dict]:
-    """The eval records of a run's metrics.jsonl, in order (a line that does not parse is skipped)."""
-    records = []
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("kind") == "eval":
-            records.append(record)
+    """The eval records of a run's metrics.jsonl, by step (a line that does not parse is skipped)."""
+    from keepmix.report.metrics import evals, read_metrics
+
+    records = evals(read_metrics(Path(run_dir) / "metrics.jsonl"))
     if not records or records[0]["step"] != 0:
         raise KeepmixError(f"{run_dir}/metrics.jsonl: expected a step-0 (baseline) eval record")
     return records

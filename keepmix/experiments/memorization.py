@@ -29,6 +29,7 @@ import yaml
 from keepmix.config import config_to_dict, parse_config
 from keepmix.diagnostics.memorization import diagnose, format_diagnostics
 from keepmix.errors import KeepmixError
+from keepmix.report.metrics import read_diagnostics, read_metrics, run_status
 
 SOURCE = "qa"
 ARMS = ("low_lr", "high_lr")
@@ -240,16 +241,7 @@ def arm_config(model: dict, data: Path, run_dir: Path, cache: Path, *, scale: Sc
 
 def _completed(run_dir: Path) -> bool:
     metrics = run_dir / "metrics.jsonl"
-    if not metrics.exists():
-        return False
-    for line in reversed(metrics.read_text(encoding="utf-8").splitlines()):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("kind") == "end":
-            return record.get("status") == "completed"
-    return False
+    return metrics.exists() and run_status(read_metrics(metrics)).status == "completed"
 
 
 def _train_or_reuse(data: dict, run_dir: Path, progress: str) -> Path:
@@ -270,12 +262,11 @@ def _train_or_reuse(data: dict, run_dir: Path, progress: str) -> Path:
 # ---- comparison -------------------------------------------------------------------------------------
 
 def _arm_summary(lr: float, run_dir: Path, d: dict) -> dict:
-    end = next(r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()[::-1])
-               if r["kind"] == "end")
+    end = run_status(read_metrics(run_dir / "metrics.jsonl"))
     boundaries = [b for b in d["boundaries"] if b["source"] == SOURCE]
     points = d["validation_gap"].get(SOURCE, {}).get("points", [])
-    return {"lr": lr, "run_dir": str(run_dir), "steps": end["step"], "wall_s": end["wall_s"],
-            "tokens_per_s": end["tokens_per_s"],
+    return {"lr": lr, "run_dir": str(run_dir), "steps": end.step, "wall_s": end.wall_s,
+            "tokens_per_s": end.tokens_per_s,
             "boundaries": [{k: b[k] for k in ("epoch", "step", "delta", "z", "detected")} for b in boundaries],
             "loss_by_view": {r["view"]: r["mean_loss"] for r in d["loss_by_view"].get(SOURCE, [])},
             "view_drops": {f"{r['from_view']}->{r['to_view']}": r["delta"] for r in d["view_drops"].get(SOURCE, [])},
@@ -352,7 +343,7 @@ def run_experiment(out: Path, scale: Scale, model: dict | None, *, progress: str
     for arm, lr in zip(ARMS, (scale.low_lr, scale.high_lr)):
         run_dir = _train_or_reuse(arm_config(model, out / "data", out / arm, out / "cache", scale=scale, lr=lr,
                                              seq_len=seq_len), out / arm, progress)
-        d = diagnose(run_dir)
+        d = read_diagnostics(run_dir) or diagnose(run_dir)  # a completed run has diagnosed itself
         print(f"\n=== {arm} (lr {lr:g}) ===\n{format_diagnostics(d)}")
         arms[arm] = _arm_summary(lr, run_dir, d)
     lines = compare(arms)
