@@ -45,16 +45,14 @@ def validation_metrics(
         every = eval_plans(docs, seq_len, index, max_tokens)
         plans = every[rank::world_size]
         sources = [docs if j == index else None for j in range(len(valid))]
-        most = -(-len(every) // world_size) if lockstep else len(plans)  # rows of the busiest process
+        most = math.ceil(len(every) / world_size) if lockstep else len(plans)  # rows of the busiest process
         sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, tokens
         for i in range(0, most, batch_size):
-            if i >= len(plans):  # lockstep filler: keeps this process in the collective, adds nothing
-                filler = build_rows(every[:1], sources, seq_len, pad_id)
-                run_rows(loss_model, filler, torch.zeros(filler.labels.numel()), device)
+            chunk = plans[i : i + batch_size]
+            rows = build_rows(chunk or every[:1], sources, seq_len, pad_id)
+            _, token_loss, token_correct = run_rows(loss_model, rows, torch.zeros(rows.labels.numel()), device)
+            if not chunk:  # lockstep filler: kept this process in the collective, adds nothing
                 continue
-            rows = build_rows(plans[i : i + batch_size], sources, seq_len, pad_id)
-            weights = torch.zeros(rows.labels.numel())
-            _, token_loss, token_correct = run_rows(loss_model, rows, weights, device)
             mask = rows.labels.reshape(-1) != -100
             sums += torch.stack([
                 token_loss.cpu().double()[mask].sum(), token_correct.cpu().double()[mask].sum(), mask.sum().double()

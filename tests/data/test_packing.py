@@ -81,6 +81,10 @@ def test_count_tokens_matches_built_rows(tokenizer):
 
     docs = tk.tokenize_docs(qa_docs(50), tokenizer, fmt="prompt_completion", loss_on="completion")
     stream = DocStream(docs.lengths, seed=0, source_index=0)
-    plans = [RowPlan(0, stream.take_row(40, split_docs=False)[0]) for _ in range(20)]
-    rows = build_rows(plans, [docs], 40, tokenizer.pad_token_id)
+    # seq_len below the longest document, with splitting on: rows hold documents continued from the last
+    # row (segments starting mid-document), as in training by default
+    seq_len = int(docs.lengths.max()) - 5
+    plans = [RowPlan(0, stream.take_row(seq_len, split_docs=True)[0]) for _ in range(20)]
+    assert any(seg.start > 0 for plan in plans for seg in plan.segments)
+    rows = build_rows(plans, [docs], seq_len, tokenizer.pad_token_id)
     assert count_tokens(plans, [docs]) == (rows.real_tokens, int((rows.labels != -100).sum()))
