@@ -104,9 +104,8 @@ def _prepare_model(work: Path, tiny: bool, log) -> tuple[Path, str]:
             LlamaForCausalLM(config).save_pretrained(folder)
             tok.save_pretrained(folder)
         return folder, "tiny Llama (4 layers, hidden 128, vocab 512), fp32"
-    from keepmix.demo.model import convert_gguf, require_gguf_reader
+    from keepmix.demo.model import convert_gguf
 
-    require_gguf_reader()
     return convert_gguf(gguf, work, log), f"SmolLM2-135M-Instruct ({gguf.name} dequantized), fp32"
 
 

