@@ -75,13 +75,14 @@ def prepare(work: Path, *, tiny: bool, seq_len: int, log=print) -> Setup:
         docs = tokenize_docs(records, tokenizer, fmt=fmt, loss_on="all")
         np.savez(folder / f"{name}.npz", tokens=docs.tokens, offsets=docs.offsets)
         datasets[name] = {"records": path, "tokens": folder / f"{name}.npz"}
+        if name == "text":
+            text_offsets = docs.offsets
         lengths = docs.lengths
         log(f"{name}: {len(docs)} documents, {int(lengths.sum())} tokens, median {int(np.median(lengths))}, "
             f"{(lengths > seq_len).mean():.0%} longer than seq_len")
-    with np.load(datasets["text"]["tokens"]) as z:
-        # 1x = the documents that fill 2 rows; 4x must still exist
-        eval_docs = int(np.searchsorted(z["offsets"], 2 * seq_len)) + 1
-        eval_docs = min(eval_docs, (len(z["offsets"]) - 1) // 4)
+    # 1x = the documents that fill 2 rows; 4x must still exist
+    eval_docs = int(np.searchsorted(text_offsets, 2 * seq_len)) + 1
+    eval_docs = min(eval_docs, (len(text_offsets) - 1) // 4)
     return Setup(model, label, datasets, model_flops(model), eval_docs)
 
 
@@ -181,13 +182,14 @@ def fabricate_run(src: Path, dst: Path, step: int, spec: dict, part_every: int =
     from keepmix.config import parse_config
     from keepmix.data.build import build_sampler, prepare_sources
     from keepmix.model import load_tokenizer
-    from keepmix.training.checkpoint import latest_checkpoint
+    from keepmix.report.metrics import read_metrics
+    from keepmix.training.checkpoint import MARKER, latest_checkpoint, step_dir
 
     shutil.rmtree(dst, ignore_errors=True)
     ckpt = latest_checkpoint(src / "checkpoints")
     state = json.loads((ckpt / "state.json").read_text())
     done = state["step"]
-    out = dst / "checkpoints" / f"step-{step:08d}"
+    out = step_dir(dst / "checkpoints", step)
     out.mkdir(parents=True)
     for name in ("weights.safetensors", "optimizer.pt", "rng.pt"):
         os.link(ckpt / name, out / name)
@@ -206,7 +208,7 @@ def fabricate_run(src: Path, dst: Path, step: int, spec: dict, part_every: int =
     state.update(step=step, micro_step=step, tokens_seen=per_step * step, sampler=sampler.state_dict())
     (out / "state.json").write_text(json.dumps(state))
 
-    records = [json.loads(line) for line in (src / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(src / "metrics.jsonl")
     trains = [r for r in records if r["kind"] == "train"]
     kept = [r for r in records if r["kind"] in ("start", "eval")]
     kept += [{**trains[(s - 1) % len(trains)], "step": s} for s in range(1, step + 1)]
@@ -221,7 +223,7 @@ def fabricate_run(src: Path, dst: Path, step: int, spec: dict, part_every: int =
             index = rows.schema.get_field_index("step")
             parts.append(rows.set_column(index, "step", pa.array([s] * rows.num_rows, pa.int64())))
         pq.write_table(pa.concat_tables(parts), dst / "exposures" / f"part-{first:08d}.parquet")
-    (out / "COMPLETE").write_text(str(step))  # last, as keepmix's own checkpoints
+    (out / MARKER).write_text(str(step))  # last, as keepmix's own checkpoints
 
 
 # ---- shared helpers --------------------------------------------------------------------------------
@@ -453,8 +455,10 @@ def keepmix(spec: dict) -> dict:
     _instrument_keepmix(batches, before_first_step=gate, after_step=gate)
     cfg = parse_config(keepmix_config(spec, spec["out"]), source="bench", base_dir=Path(spec["out"]).parent)
     train(cfg, progress="quiet", stop_at=spec["steps"])
-    records = [json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines()]
-    return gate.result(batches, {"losses": [r["loss"] for r in records if r["kind"] == "train"]})
+    from keepmix.report.metrics import of_kind, read_metrics
+
+    trains = of_kind(read_metrics(Path(spec["out"]) / "metrics.jsonl"), "train")
+    return gate.result(batches, {"losses": [r["loss"] for r in trains]})
 
 
 # ---- probes -----------------------------------------------------------------------------------------

@@ -81,10 +81,10 @@ class Worker:
         os.write(self.down, b".")  # released after its last step, it reports and exits
         if self.proc.wait():
             raise self.failure()
-        lines = [line for line in self.log.read_text().splitlines() if line.startswith("RESULT ")]
-        if not lines:
+        result = parse_result(self.log.read_text())
+        if result is None:
             raise self.failure()
-        return json.loads(lines[-1][len("RESULT "):])
+        return result
 
     def failure(self) -> RuntimeError:
         return RuntimeError(f"bench arm {self.name} failed (exit code {self.proc.returncode}); the end of "
@@ -146,11 +146,17 @@ def run_child(spec: dict) -> dict:
     spec = {**spec, "launched": time.time()}
     proc = subprocess.run([sys.executable, str(BENCH / "_workloads.py"), json.dumps(spec)],
                           capture_output=True, text=True, env={**os.environ, **ENV})
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
+    result = parse_result(proc.stdout)
+    if proc.returncode or result is None:
         raise RuntimeError(f"bench probe {spec['kind']} failed with exit code {proc.returncode}:\n"
                            f"{(proc.stdout + proc.stderr)[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return result
+
+
+def parse_result(output: str) -> dict | None:
+    """The last `RESULT {json}` line a workload printed, or None."""
+    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT "):]) if lines else None
 
 
 def parse_args(argv=None):

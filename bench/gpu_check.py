@@ -83,6 +83,7 @@ def main() -> int:
         return 2
     from keepmix.config import parse_config
     from keepmix.training.loop import train
+    from keepmix.report.metrics import of_kind, read_metrics
 
     folder = Path(args.out or tempfile.mkdtemp(prefix="gpu_check_"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,8 +97,7 @@ def main() -> int:
         train(cfg, progress="quiet", stop_at=stop)
         if stop:
             train(cfg, progress="quiet", resume=True)
-        records = [json.loads(x) for x in (folder / name / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in records if r["kind"] == "train"]
+        steps = of_kind(read_metrics(folder / name / "metrics.jsonl"), "train")
         timed = steps[3:]  # the first steps include warm-up (allocator, kernels)
         tps = sum(r["tokens_per_s"] for r in timed) / len(timed)
         runs[name] = {"losses": [r["loss"] for r in steps], "tokens_per_s": tps, "wall_s": time.perf_counter() - t,

@@ -26,7 +26,7 @@ MARKER = "COMPLETE"
 SHARDED = "sharded"  # torch.distributed.checkpoint folder: one file per process + .metadata
 
 
-def _step_dir(root: Path, step: int) -> Path:
+def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
 
 
@@ -88,7 +88,7 @@ def save_checkpoint(root: Path, step: int, *, weights: dict[str, torch.Tensor] |
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     (staging / MARKER).write_text(str(step))
-    final = _step_dir(root, step)
+    final = step_dir(root, step)
     if final.exists():
         shutil.rmtree(final)
     os.rename(staging, final)
