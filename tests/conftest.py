@@ -115,5 +115,6 @@ def make_run(tmp_path, tokenizer_dir):
 
 
 def train_records(run_dir: Path, kind: str = "train") -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if r["kind"] == kind]
+    from keepmix.report.metrics import of_kind, read_metrics
+
+    return of_kind(read_metrics(run_dir / "metrics.jsonl"), kind)
