@@ -161,6 +161,11 @@ class Progress:
     def message(self, text: str) -> None:
         pass
 
+    def notice(self, text: str) -> None:
+        """A line every display shows, quiet ones too: what happened to the run folder (a fallback to an
+        older checkpoint, a fresh start under --resume)."""
+        self.message(text)
+
     def end(self, record: dict) -> None:
         self.end_record = record
         self.close()
@@ -234,6 +239,9 @@ class QuietProgress(PlainProgress):
 
     def message(self, text: str) -> None:
         pass
+
+    def notice(self, text: str) -> None:
+        self._print(text)
 
 
 class RichProgress(Progress):

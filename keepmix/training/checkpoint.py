@@ -8,22 +8,35 @@ Contents: trainable weights (safetensors), optimizer and LR-scheduler state (tor
 weights_only=True), RNG states, and a JSON `state.json` (counters, sampler, anything JSON-able). Under
 FSDP the weights and optimizer state are instead in `sharded/` (torch.distributed.checkpoint), which every
 process writes into the staging folder before the main process publishes it (`staging_dir` first).
+
+Verification: `manifest.json` (written after every other file, before the marker) lists each file with
+its size and xxh3-64 checksum. `verify_checkpoint` re-reads every file against it and names the first
+file that is missing, short, long or altered; `read_checkpoint` verifies and then loads everything, so a
+resume either holds the whole checkpoint in memory or has changed nothing. `intact_checkpoint` walks
+the complete checkpoints from the newest down and returns the first that reads back whole, with the
+problems of the newer ones it passed over.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import xxhash
+import yaml
 from safetensors.torch import load_file, save_file
 
 from keepmix.errors import KeepmixError
 
 MARKER = "COMPLETE"
+MANIFEST = "manifest.json"
 SHARDED = "sharded"  # torch.distributed.checkpoint folder: one file per process + .metadata
+_CHUNK = 1 << 22  # hash in 4 MiB reads: flat memory whatever the checkpoint's size
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -83,6 +96,7 @@ def save_checkpoint(root: Path, step: int, *, weights: dict[str, torch.Tensor] |
     (staging / "state.json").write_text(json.dumps(state))
     for name, text in (extra_files or {}).items():
         (staging / name).write_text(text)
+    (staging / MANIFEST).write_text(json.dumps(_manifest(staging), indent=1))
     for f in staging.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
@@ -110,6 +124,73 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _file_hash(path: Path) -> str:
+    digest = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path) -> dict:
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name not in (MARKER, MANIFEST))
+    return {"version": 1, "hash": "xxh3_64",
+            "files": {f.relative_to(folder).as_posix(): {"size": f.stat().st_size, "xxh3_64": _file_hash(f)}
+                      for f in files}}
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file of the manifest is there with its size and checksum; else what is wrong."""
+    if not (path / MARKER).exists():
+        return f"no {MARKER} marker"
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+        entries = [(name, int(e["size"]), str(e["xxh3_64"])) for name, e in files.items()]
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{MANIFEST} is unreadable ({type(err).__name__}: {err})"
+    for name, size, checksum in entries:
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        actual = f.stat().st_size
+        if actual != size:
+            return f"{name} has {actual} bytes, the manifest says {size} (truncated or overwritten)"
+        if _file_hash(f) != checksum:
+            return f"{name} does not match its checksum (its bytes were altered)"
+    return None
+
+
+@dataclass
+class Found:
+    """The checkpoint a resume uses (loaded whole), and the newer ones it passed over, with why."""
+
+    path: Path | None
+    loaded: dict | None
+    damaged: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Verify the manifest, then load everything; KeepmixError naming the file when it is damaged."""
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise KeepmixError(f"{path}: checkpoint is damaged: {problem}")
+    return load_checkpoint(path)
+
+
+def intact_checkpoint(root: Path) -> Found:
+    """The newest complete checkpoint that verifies and loads, and the damaged newer ones."""
+    damaged = []
+    for path in reversed(complete_checkpoints(root)):
+        try:
+            return Found(path, read_checkpoint(path), damaged)
+        except KeepmixError as err:
+            damaged.append((path, str(err).removeprefix(f"{path}: checkpoint is damaged: ")))
+    return Found(None, None, damaged)
+
+
 def load_checkpoint(path: Path) -> dict:
     """Everything saved, loaded without unpickling arbitrary objects."""
     if not (path / MARKER).exists():
@@ -124,6 +205,7 @@ def load_checkpoint(path: Path) -> dict:
             "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
             "rng": torch.load(path / "rng.pt", weights_only=True),
             "state": json.loads((path / "state.json").read_text()),
+            "config": yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else None,
         }
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, yaml.YAMLError, pickle.UnpicklingError) as err:
         raise KeepmixError(f"{path}: checkpoint is damaged ({err})") from None

@@ -45,6 +45,8 @@ def train(config: RunConfig | str | Path, *, resume: bool = False, progress: str
     `stop_at` ends this session after that step with a checkpoint (a time-sliced job); resume later.
     """
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    if stop_at is not None and not 1 <= stop_at <= cfg.train.steps:
+        raise KeepmixError(f"--stop-at {stop_at}: expected a step from 1 to train.steps ({cfg.train.steps})")
     with open_session(cfg, resume=resume, progress=progress) as s:
         return _train(s, stop_at)
 
@@ -52,6 +54,12 @@ def train(config: RunConfig | str | Path, *, resume: bool = False, progress: str
 def _train(s: Session, stop_at: int | None) -> TrainResult:
     cfg, acc, state = s.cfg, s.accelerator, s.state
     t = cfg.train
+    rank, world = acc.process_index, acc.num_processes
+    if t.batch_size % world:
+        raise KeepmixError(f"train.batch_size ({t.batch_size}) must be divisible by the {world} processes")
+    if stop_at is not None and s.resumed_from is not None and stop_at <= s.resumed_from:
+        raise KeepmixError(f"--stop-at {stop_at}: the run resumes at step {s.resumed_from}; expected a step "
+                           f"after it (up to train.steps = {t.steps}); nothing was changed")
     sources = prepare_sources(cfg, s.tokenizer, log=s.progress.message)
     names = [src.name for src in sources]
     train_docs = [src.train for src in sources]
@@ -64,16 +72,12 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
                                   fused=True)
     scheduler = s.lr_scheduler(optimizer)
     optimizer = acc.prepare(optimizer)
+    s.begin(sampler, optimizer, scheduler)  # restores a resume; the run directory changes only from here on
     exposures = ExposureWriter(s.run_dir) if acc.is_main_process else None
-    if state.resumed_from is not None:
-        loaded = s.load_checkpoint(sampler, optimizer, scheduler)
-        if exposures is not None:
-            exposures.truncate_after(loaded)
+    if exposures is not None and state.resumed_from is not None:
+        exposures.truncate_after(state.step)
     pad_id = s.tokenizer.pad_token_id
     valid = [(src.name, src.valid) for src in sources]
-    rank, world = acc.process_index, acc.num_processes
-    if t.batch_size % world:
-        raise KeepmixError(f"train.batch_size ({t.batch_size}) must be divisible by the {world} processes")
     micro = t.micro_batch_size or t.batch_size // world  # rows per forward pass, per process
 
     def evaluate() -> None:

@@ -81,7 +81,11 @@ class Session:
         self.last_metrics: dict[str, float] = {}
         self.last_retention: dict[str, dict] = {}
         self.reused_baseline = self._read_baseline()  # checked before anything is written
-        self._latest = self._prepare_run_dir(resume)
+        self._committed = False  # nothing in the run directory changes before `begin`
+        self._found = self._plan_run_dir(resume)
+        self._latest = self._found.path if self._found else None
+        self.resumed_from = int(self._latest.name.split("-")[1]) if self._latest else None
+        self.state.resumed_from = self.resumed_from
         self._trackers = None
         self._clock = time.perf_counter()
         if cfg.train.threads:
@@ -93,8 +97,6 @@ class Session:
             self.model.config.use_cache = False
         self.model.train()
         self._tasks = list(cfg.eval.tasks)
-        if self.main:
-            self._log_start()
 
     def _load_model(self):
         m, cfg = self.cfg.model, self.cfg
@@ -143,35 +145,72 @@ class Session:
         return total_norm(norm)
 
     # ---- run directory --------------------------------------------------------------------------
-    def _prepare_run_dir(self, resume: bool) -> Path | None:
-        latest = ckpt.latest_checkpoint(self.ckpt_root)
-        existing = self.metrics_path.exists() or latest is not None
-        if existing and not resume:
+    def _run_kind(self) -> str:
+        """'empty' (nothing here), 'unstarted' (a run that stopped before its first optimizer step and
+        left no checkpoint: nothing to keep) or 'run'."""
+        has_ckpt_dir = self.ckpt_root.is_dir() and any(self.ckpt_root.iterdir())
+        if not self.metrics_path.exists():
+            return "run" if has_ckpt_dir else "empty"
+        from keepmix.report.metrics import of_kind, read_metrics
+
+        trained = of_kind(read_metrics(self.metrics_path), "train")
+        return "run" if trained or has_ckpt_dir else "unstarted"
+
+    def _plan_run_dir(self, resume: bool) -> ckpt.Found | None:
+        """Decide, without writing anything, what this session does with the run directory: start a new
+        run (None) or resume from the newest intact checkpoint (read whole into memory here)."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise KeepmixError(f"output: {self.run_dir} is a file; expected a run directory (or none yet)")
+        kind = self._run_kind()
+        if kind == "unstarted":
+            self.progress.notice(f"{self.run_dir} holds a run that stopped before its first training step "
+                                 f"(no checkpoint): starting it over")
+            return None
+        if kind == "empty":
+            if resume:
+                self.progress.notice(f"--resume: no run in {self.run_dir} yet; starting a new one")
+            return None
+        if not resume:
             raise KeepmixError(
                 f"{self.run_dir} already holds a run; continue it with --resume, or set another output "
                 f"(nothing was changed)"
             )
-        resolved = config_to_dict(self.cfg)
-        if latest is not None:
-            saved = yaml.safe_load((latest / "config.yaml").read_text())
-            changed = changed_keys(saved, resolved)
-            if changed:
-                raise KeepmixError(
-                    f"cannot resume {latest}: the config changed in keys that break an exact resume: "
-                    f"{', '.join(changed)}. Restore them, or start a new run in another output folder."
-                )
-            saved_world = json.loads((latest / "state.json").read_text()).get("world_size", 1)
-            if saved_world != self.accelerator.num_processes:
-                raise KeepmixError(
-                    f"cannot resume {latest}: it was written by {saved_world} process(es), this run has "
-                    f"{self.accelerator.num_processes}; resume with the same number of processes"
-                )
-        self.accelerator.wait_for_everyone()  # every process has checked before the main one writes
+        found = ckpt.intact_checkpoint(self.ckpt_root)
+        damaged = "; ".join(f"{p.name}: {why}" for p, why in found.damaged)
+        if found.path is None:
+            where = ("checkpoints/ is missing" if not self.ckpt_root.is_dir()
+                     else f"no intact checkpoint in {self.ckpt_root}" + (f" ({damaged})" if damaged else ""))
+            raise KeepmixError(f"cannot resume {self.run_dir}: it holds a run but {where}; nothing was changed. "
+                               f"Start a new run in another output folder (or delete this one to start over).")
+        for path, why in found.damaged:
+            self.progress.notice(f"checkpoint {path.name} is damaged ({why}): resuming from {found.path.name}")
+        changed = changed_keys(found.loaded["config"] or {}, config_to_dict(self.cfg))
+        if changed:
+            raise KeepmixError(
+                f"cannot resume {found.path}: the config changed in keys that break an exact resume: "
+                f"{', '.join(changed)}. Restore them, or start a new run in another output folder."
+            )
+        saved_world = found.loaded["state"].get("world_size", 1)
+        if saved_world != self.accelerator.num_processes:
+            raise KeepmixError(
+                f"cannot resume {found.path}: it was written by {saved_world} process(es), this run has "
+                f"{self.accelerator.num_processes}; resume with the same number of processes"
+            )
+        return found
+
+    def begin(self, sampler, optimizer, scheduler) -> None:
+        """Restore the checkpoint (when resuming) into the built components, then — only then — write:
+        the resolved config, metrics.jsonl cut back to the checkpoint, and the `start` record. Whatever
+        fails before this point leaves the run directory as it was."""
+        if self._found is not None:
+            self._restore(sampler, optimizer, scheduler)
+        self.accelerator.wait_for_everyone()  # every process has checked and restored before any write
+        self._committed = True
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, self.run_dir / "config.yaml")
-            self._truncate_metrics(latest)
-        return latest
+            self._truncate_metrics(self._latest)
+            self._log_start()
 
     def _truncate_metrics(self, latest: Path | None) -> None:
         """Keep the records up to the checkpoint a resume starts from (all of them: none)."""
@@ -197,7 +236,7 @@ class Session:
         return self.state.elapsed + time.perf_counter() - self._clock
 
     def log(self, record: dict) -> None:
-        if not self.main:
+        if not self.main or not self._committed:
             return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -215,6 +254,8 @@ class Session:
             "sources": self.cfg.source_names, "model": self.cfg.model.name or "scratch",
             "resumed_from": int(self._latest.name.split("-")[1]) if self._latest else None,
             "output": str(self.run_dir), "world_size": self.accelerator.num_processes,
+            **({"damaged_checkpoints": {p.name: why for p, why in self._found.damaged}}
+               if self._found and self._found.damaged else {}),
         })
 
     def log_train(self, totals: dict, names: list[str], planned: np.ndarray, lr: float, grad_norm: float,
@@ -369,8 +410,9 @@ class Session:
             self.progress.message(f"checkpoint: {path}")
         acc.wait_for_everyone()
 
-    def load_checkpoint(self, sampler, optimizer, scheduler) -> int:
-        loaded = ckpt.load_checkpoint(self._latest)
+    def _restore(self, sampler, optimizer, scheduler) -> None:
+        """Load the verified checkpoint (already in memory) into the model and every stateful component."""
+        loaded = self._found.loaded
         if (loaded["sharded"] is not None) != self.fsdp:
             raise KeepmixError(f"cannot resume {self._latest}: it was written "
                                f"{'with' if loaded['sharded'] is not None else 'without'} FSDP sharding and "
@@ -389,9 +431,9 @@ class Session:
         st = self.state
         st.step, st.micro_step, st.tokens_seen = s["step"], s["micro_step"], s["tokens_seen"]
         st.elapsed, st.baseline = s["elapsed"], s["baseline"]
+        self._found.loaded = None  # the weights now live in the model: free the copy
         self._clock = time.perf_counter()
         self.progress.message(f"resumed from {self._latest} (step {st.step})")
-        return st.step
 
     def save_final(self) -> Path | None:
         """final/ in Hugging Face format, written by the main process (under FSDP every process first
@@ -453,9 +495,8 @@ def open_session(cfg: RunConfig, *, resume: bool, progress: str):
 
     with make_progress(progress) as bar:
         session = Session(cfg, resume, bar)
-        session.state.resumed_from = int(session._latest.name.split("-")[1]) if session._latest else None
         try:
             yield session
         except KeyboardInterrupt:
-            session.finish("stopped")
+            session.finish("stopped")  # logs only once `begin` has committed the run directory
             raise
