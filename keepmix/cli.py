@@ -7,19 +7,13 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
 from keepmix.errors import KeepmixError
 
 
 def _overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise KeepmixError(f"--set {pair!r}: expected key=value, e.g. --set train.steps=20")
-        key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
-    return out
+    from keepmix.yamlfile import parse_override
+
+    return dict(parse_override(pair) for pair in pairs or [])
 
 
 def _progress(args) -> str:
@@ -27,10 +21,12 @@ def _progress(args) -> str:
 
 
 def cmd_train(args) -> None:
+    from keepmix.config import load_config
     from keepmix.training.loop import train
 
-    result = train(args.config, resume=args.resume, progress=_progress(args), overrides=_overrides(args.set),
-                   stop_at=args.stop_at)
+    cfg = load_config(args.config, _overrides(args.set))
+    args.crash_dir = Path(cfg.resolve_local(cfg.output))  # where an unexpected error's traceback goes
+    result = train(cfg, resume=args.resume, progress=_progress(args), stop_at=args.stop_at)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # one process reports
     _print_retention(result)
@@ -67,16 +63,28 @@ def _report(run_dirs: list[Path]) -> None:
     print(f"report:        {path}")
 
 
+def _writable_file(path: Path, flag: str) -> Path:
+    """Checked before the work that produces it: a results file that cannot be written fails now."""
+    if path.is_dir():
+        raise KeepmixError(f"{flag} {path}: is a folder; expected a file name (e.g. {path / 'eval.json'})")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise KeepmixError(f"{flag} {path}: {parent} is a file, so no folder can be made there")
+    return path
+
+
 def cmd_eval(args) -> None:
     from keepmix.eval.runner import evaluate, print_comparison
 
+    out = _writable_file(Path(args.out), "--out") if args.out else None
     results = evaluate(args.config, models=args.model or ["base"], overrides=_overrides(args.set))
     print_comparison(results)
-    if args.out:
+    if out:
         import json
 
-        Path(args.out).write_text(json.dumps(results, indent=1))
-        print(f"written: {args.out}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+        print(f"written: {out}")
 
 
 def cmd_report(args) -> None:
@@ -84,8 +92,14 @@ def cmd_report(args) -> None:
 
 
 def cmd_diagnose(args) -> None:
+    from keepmix.diagnostics.exposures import has_exposures
     from keepmix.diagnostics.memorization import diagnose, format_diagnostics
+    from keepmix.report.metrics import read_run
 
+    read_run(args.run_dir)
+    if not has_exposures(args.run_dir):
+        raise KeepmixError(f"{args.run_dir}: the run has no exposure log yet (exposures/ is missing or empty; "
+                           f"it is written at each checkpoint); nothing to diagnose")
     print(format_diagnostics(diagnose(Path(args.run_dir))))
 
 
@@ -107,13 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="keepmix", description="Continued pre-training on a curated data mixture.")
     p.add_argument("--version", action="version", version=f"keepmix {__version__}")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an unexpected error")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or resume) a run from a YAML config")
     t.add_argument("config", help="run YAML file")
     t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    t.add_argument("--stop-at", type=int, metavar="STEP", help="stop after this step with a checkpoint")
+    t.add_argument("--stop-at", type=_step, metavar="STEP", help="stop after this step with a checkpoint")
     t.add_argument("--quiet", action="store_true", help="plain log lines only (also when not a terminal)")
     t.add_argument("--no-report", action="store_true", help="skip plots and report.html at the end")
     t.set_defaults(func=cmd_train)
@@ -152,6 +167,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _step(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole step number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a step of 1 or more, got {value}")
+    return value
+
+
+def _report_bug(args, err: BaseException) -> None:
+    """The last line of defence: one paragraph, the traceback in a file (or printed with --debug)."""
+    import tempfile
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(err))
+    rank = os.environ.get("RANK")
+    name = f"keepmix-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}{f'-rank{rank}' if rank else ''}.txt"
+    folder = getattr(args, "crash_dir", None)
+    folder = folder if folder is not None and folder.is_dir() else Path(tempfile.gettempdir())
+    try:
+        (folder / name).write_text(f"keepmix {' '.join(sys.argv[1:])}\n\n{text}")
+        where = f"the full traceback is in {folder / name}"
+    except OSError:
+        where = "the traceback could not be written to a file; rerun with --debug to print it"
+    print(f"keepmix: error: an unexpected {type(err).__name__} stopped keepmix ({err}). This is a bug in "
+          f"keepmix, not in your input: {where}. Please report it with that file; rerun with --debug to "
+          f"print the traceback here.", file=sys.stderr)
+    if getattr(args, "debug", False):
+        print(text, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -162,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("keepmix: stopped; resume with --resume from the last checkpoint", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - never a raw traceback for the user; see _report_bug
+        _report_bug(args, err)
+        return 1
     return 0
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from keepmix.errors import ConfigError
 from keepmix.eval.tasks import TaskConfig
+from keepmix.yamlfile import apply_override, read_yaml
 
 
 class _Strict(BaseModel):
@@ -139,7 +140,9 @@ class TrainConfig(_Strict):
     warmup: float = Field(0.05, ge=0, description="Warmup: a fraction of steps (< 1) or a step count.")
     decay: float = Field(0.2, ge=0, le=1, description="wsd: fraction of steps spent decaying.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.95), description="AdamW betas, each in [0, 1)."
+    )
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm (None: off).")
     split_docs: bool = Field(
@@ -240,6 +243,12 @@ def _pydantic_problems(err: ValidationError) -> list[str]:
             msg = "unknown key (check the spelling; see the README's config reference)"
         elif e["type"] == "missing":
             msg = "required key is missing"
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            ctx = e.get("ctx", {})
+            key += f".{ctx.get('discriminator', 'kind').strip(chr(39))}"
+            got = f"{ctx['tag']!r} is not a task kind; " if "tag" in ctx else "required key is missing; "
+            problems.append(f"{key}: {got}expected one of {ctx.get('expected_tags', '')}")
+            continue
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         got = e.get("input")
@@ -316,6 +325,12 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
         if s.loss_on == "completion" and s.format == "text":
             problems.append(f"sources[{i}].loss_on: 'completion' needs format chat or prompt_completion")
     m = cfg.model
+    if m.init == "scratch" and m.architecture:
+        problems += _architecture_problems(m.architecture)
+    for key in ("output", "cache_dir"):
+        value = getattr(cfg, key)
+        if value and Path(cfg.resolve_local(value)).is_file():
+            problems.append(f"{key}: {cfg.resolve_local(value)} is a file; expected a folder (or a path to create)")
     for field in ("name", "tokenizer"):
         value = getattr(m, field)
         resolved = cfg.resolve(value)
@@ -332,6 +347,37 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
     task_names = [task.name for task in cfg.eval.tasks]
     for name in {n for n in task_names if task_names.count(n) > 1}:
         problems.append(f"eval.tasks: duplicate task name {name!r}")
+    return problems
+
+
+def _architecture_problems(arch: dict) -> list[str]:
+    """model.architecture checked the way transformers would build it, before any work starts."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = arch["model_type"]
+    if model_type not in CONFIG_MAPPING:
+        near = ", ".join(sorted(k for k in CONFIG_MAPPING if k[:3] == str(model_type)[:3])[:5]) or "llama, qwen2, gpt2"
+        return [f"model.architecture.model_type: {model_type!r} is not a model type transformers knows "
+                f"(e.g. {near})"]
+    try:
+        config = CONFIG_MAPPING[model_type](**{k: v for k, v in arch.items() if k != "model_type"})
+    except Exception as err:  # noqa: BLE001 - transformers' config classes raise several kinds (strict dataclasses)
+        cause = err.__cause__ or err
+        return [f"model.architecture: transformers refuses it for {model_type!r}: {cause}"]
+    problems = []
+    heads, kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if isinstance(heads, int) and isinstance(hidden, int) and not getattr(config, "head_dim", None) \
+            and heads > 0 and hidden % heads:
+        problems.append(f"model.architecture.num_attention_heads: {heads} heads do not divide hidden_size "
+                        f"{hidden}; expected a divisor of it (or set head_dim)")
+    if isinstance(heads, int) and isinstance(kv, int) and kv > 0 and heads % kv:
+        problems.append(f"model.architecture.num_key_value_heads: {kv} does not divide num_attention_heads "
+                        f"{heads}; expected a divisor of it")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value <= 0:
+            problems.append(f"model.architecture.{key}: must be a positive integer (got {value})")
     return problems
 
 
@@ -355,6 +401,8 @@ def _without(data: dict, locations: list[tuple]) -> dict:
 
 def parse_config(data: Any, *, source: str = "<config>", base_dir: str | Path = ".") -> RunConfig:
     """Validate a config dict; raise one ConfigError with every problem."""
+    if data is None:
+        raise ConfigError(source, ["(top level): the file is empty; expected the keys model, sources, ..."])
     if not isinstance(data, dict):
         raise ConfigError(source, [f"(top level): expected a mapping of keys, got {type(data).__name__}"])
     data = {**data, "base_dir": str(Path(base_dir).resolve())}
@@ -378,25 +426,11 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: str | Path = 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read, validate and resolve a YAML config file; `overrides` are dotted keys (train.steps: 10)."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(str(path), ["file not found"])
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(where, [f"not valid YAML: {getattr(err, 'problem', err)}"]) from None
-    for key, value in (overrides or {}).items():
-        apply_override(data, key, value)
+    data = read_yaml(path)
+    if isinstance(data, dict):
+        for key, value in (overrides or {}).items():
+            apply_override(data, key, value)
     return parse_config(data, source=str(path), base_dir=path.parent)
-
-
-def apply_override(data: dict, dotted: str, value: Any) -> None:
-    node = data
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

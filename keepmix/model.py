@@ -85,7 +85,9 @@ def load_model(
         try:
             model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, dtype=torch_dtype, **kwargs)
         except (OSError, ValueError) as err:
-            raise KeepmixError(f"could not load the model {name!r}: {err}") from None
+            hint = "" if Path(name).exists() else (" (there is no local folder of that name either: check the "
+                                                    "path, or the hub id and the network)")
+            raise KeepmixError(f"could not load the model {name!r}: {err}{hint}") from None
     if gguf_file:
         # GGUF weights are dequantized to plain floats, but transformers still marks the model as
         # quantized and refuses save_pretrained; the weights are ordinary tensors, so drop the mark.

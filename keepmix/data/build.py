@@ -18,6 +18,7 @@ from keepmix.data.mixture import MixtureSampler, QualitySchedule, Schedule
 from keepmix.data.packing import DocStream
 from keepmix.data.sources import describe_skipped, iter_canonical_docs, load_source, stream_fingerprint
 from keepmix.data.tokenize import TokenDocs, cached_tokenize, default_cache_dir, streamed_tokenize
+from keepmix.errors import KeepmixError
 
 
 @dataclass
@@ -31,30 +32,41 @@ class PreparedSource:
 
 
 def prepare_sources(cfg: RunConfig, tokenizer, log=print) -> list[PreparedSource]:
+    """Every source ready to train on; the data problems of all sources are reported together, each
+    prefixed with its config key (`sources[1] (code): ...`)."""
     cache_dir = Path(cfg.resolve_local(cfg.cache_dir)) if cfg.cache_dir else default_cache_dir()
-    out = []
-    for s in cfg.sources:
-        if s.streaming:
-            out.append(_prepare_streaming(cfg, s, tokenizer, cache_dir, log))
-            continue
-        docs = load_source(
-            s.name, cfg.resolve(s.path), format=s.format,
-            fields={"text": s.text_field, "messages": s.messages_field, "prompt": s.prompt_field,
-                    "completion": s.completion_field},
-            quality_field=s.quality_field, hf_config=s.hf_config, hf_split=s.hf_split,
-            valid_path=cfg.resolve(s.valid_path), valid_docs=s.valid_docs, max_docs=s.max_docs,
-            on_bad_row=s.on_bad_row, seed=cfg.train.seed,
-        )
-        if docs.skipped:
-            log(f"source {s.name}: {describe_skipped(docs.skipped)}")
-        train, hit_t = cached_tokenize(docs.train, tokenizer, fmt=s.format, loss_on=s.loss_on,
-                                       key=docs.fingerprint + "/train", cache_dir=cache_dir, where=f"source {s.name}")
-        valid, hit_v = cached_tokenize(docs.valid, tokenizer, fmt=s.format, loss_on=s.loss_on,
-                                       key=docs.fingerprint + "/valid", cache_dir=cache_dir, where=f"source {s.name}")
-        out.append(PreparedSource(s.name, train, valid, docs.train_quality, docs.skipped, hit_t and hit_v))
-        log(f"source {s.name}: {len(train)} train / {len(valid)} held-out documents, "
-            f"{int(train.lengths.sum())} tokens ({'token cache hit' if hit_t and hit_v else 'tokenized and cached'})")
+    out, problems = [], []
+    for i, s in enumerate(cfg.sources):
+        try:
+            out.append(_prepare_streaming(cfg, s, tokenizer, cache_dir, log) if s.streaming
+                       else _prepare(cfg, s, tokenizer, cache_dir, log))
+        except KeepmixError as err:
+            problems.append(f"sources[{i}] ({s.name}): {err}")
+    if len(problems) == 1:
+        raise KeepmixError(problems[0])
+    if problems:
+        raise KeepmixError(f"{len(problems)} problems in the data:\n" + "\n".join(f"  - {p}" for p in problems))
     return out
+
+
+def _prepare(cfg: RunConfig, s, tokenizer, cache_dir: Path, log) -> PreparedSource:
+    docs = load_source(
+        s.name, cfg.resolve(s.path), format=s.format,
+        fields={"text": s.text_field, "messages": s.messages_field, "prompt": s.prompt_field,
+                "completion": s.completion_field},
+        quality_field=s.quality_field, hf_config=s.hf_config, hf_split=s.hf_split,
+        valid_path=cfg.resolve(s.valid_path), valid_docs=s.valid_docs, max_docs=s.max_docs,
+        on_bad_row=s.on_bad_row, seed=cfg.train.seed,
+    )
+    if docs.skipped:
+        log(f"source {s.name}: {describe_skipped(docs.skipped)}")
+    train, hit_t = cached_tokenize(docs.train, tokenizer, fmt=s.format, loss_on=s.loss_on,
+                                   key=docs.fingerprint + "/train", cache_dir=cache_dir, where=cfg.resolve(s.path))
+    valid, hit_v = cached_tokenize(docs.valid, tokenizer, fmt=s.format, loss_on=s.loss_on,
+                                   key=docs.fingerprint + "/valid", cache_dir=cache_dir, where=cfg.resolve(s.valid_path or s.path))
+    log(f"source {s.name}: {len(train)} train / {len(valid)} held-out documents, "
+        f"{int(train.lengths.sum())} tokens ({'token cache hit' if hit_t and hit_v else 'tokenized and cached'})")
+    return PreparedSource(s.name, train, valid, docs.train_quality, docs.skipped, hit_t and hit_v)
 
 
 def _prepare_streaming(cfg: RunConfig, s, tokenizer, cache_dir: Path, log) -> PreparedSource:
@@ -68,7 +80,7 @@ def _prepare_streaming(cfg: RunConfig, s, tokenizer, cache_dir: Path, log) -> Pr
                              valid_docs=int(s.valid_docs), max_docs=s.max_docs)
     train, valid, hit = streamed_tokenize(docs, tokenizer, fmt=s.format, loss_on=s.loss_on, key=key,
                                           cache_dir=cache_dir, valid_docs=int(s.valid_docs), max_docs=s.max_docs,
-                                          where=f"source {s.name}")
+                                          where=path)
     if skipped:
         log(f"source {s.name}: {describe_skipped(skipped)}")
     log(f"source {s.name} (streaming): {len(train)} train / {len(valid)} held-out documents "

@@ -22,6 +22,8 @@ import numpy as np
 from keepmix.errors import KeepmixError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
+# Roles chat templates know; any other one (a typo such as "assitant") would silently train on nothing.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -31,7 +33,10 @@ class Records:
     skipped: list[str] = field(default_factory=list)  # "file:line: why" of rows that could not be read
 
 
-def _iter_jsonl(path: Path, on_bad_row: str, skipped: list[str] | None):
+SKIP_HINT = "; fix it, or set on_bad_row: skip for this source"
+
+
+def _iter_jsonl(path: Path, on_bad_row: str, skipped: list[str] | None, hint: str = SKIP_HINT):
     """(record, "file:line") for each JSON object line; bad lines raise or are appended to `skipped`."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -45,16 +50,16 @@ def _iter_jsonl(path: Path, on_bad_row: str, skipped: list[str] | None):
             except (ValueError, UnicodeDecodeError) as err:
                 msg = f"{where}: malformed row ({err})"
                 if on_bad_row == "error":
-                    raise KeepmixError(msg + "; fix it, or set on_bad_row: skip for this source") from None
+                    raise KeepmixError(msg + hint) from None
                 if skipped is not None:
                     skipped.append(msg)
                 continue
             yield row, where
 
 
-def _read_jsonl(path: Path, on_bad_row: str) -> Records:
+def _read_jsonl(path: Path, on_bad_row: str, hint: str = SKIP_HINT) -> Records:
     skipped: list[str] = []
-    pairs = list(_iter_jsonl(path, on_bad_row, skipped))
+    pairs = list(_iter_jsonl(path, on_bad_row, skipped, hint))
     return Records([r for r, _ in pairs], [w for _, w in pairs], skipped)
 
 
@@ -104,13 +109,15 @@ def _read_hf(path: str, *, hf_config: str | None, hf_split: str | None) -> Recor
 
 
 def read_located_records(
-    path: str, *, hf_config: str | None = None, hf_split: str | None = None, on_bad_row: str = "error"
+    path: str, *, hf_config: str | None = None, hf_split: str | None = None, on_bad_row: str = "error",
+    hint: str = SKIP_HINT,
 ) -> Records:
-    """Records with their locations, from JSONL, JSON, Parquet, text files/folders, saved or hub datasets."""
+    """Records with their locations, from JSONL, JSON, Parquet, text files/folders, saved or hub datasets.
+    `hint` follows a bad row's location in the error (how to get past it)."""
     local = Path(path)
     suffix = local.suffix.lower()
     if local.is_file() and suffix in (".jsonl", ".ndjson"):
-        return _read_jsonl(local, on_bad_row)
+        return _read_jsonl(local, on_bad_row, hint)
     if local.is_file() and suffix == ".json":
         return _read_json_array(local)
     if (local.is_file() and suffix in TEXT_SUFFIXES) or (
@@ -167,7 +174,7 @@ def iter_canonical_docs(path: str, *, format: str = "text", fields: dict[str, st
         except ValueError as err:
             msg = f"{where}: {err}"
             if on_bad_row == "error":
-                raise KeepmixError(msg + "; fix it, or set on_bad_row: skip for this source") from None
+                raise KeepmixError(msg + SKIP_HINT) from None
             skipped.append(msg)
 
 
@@ -182,7 +189,8 @@ def stream_fingerprint(path: str, *, format: str, fields: dict, hf_config: str |
 
 def read_records(path: str, *, hf_split: str | None = None, hf_config: str | None = None) -> list[dict]:
     """Plain records (e.g. evaluation items); malformed rows are errors naming file and line."""
-    return read_located_records(path, hf_config=hf_config, hf_split=hf_split).rows
+    return read_located_records(path, hf_config=hf_config, hf_split=hf_split,
+                                hint="; expected one JSON object per line").rows
 
 
 def _canonical(row: dict, fmt: str, fields: dict[str, str]) -> dict:
@@ -208,6 +216,8 @@ def _canonical(row: dict, fmt: str, fields: dict[str, str]) -> dict:
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"{name}[{j}] must be an object with string 'role' and 'content'")
+        if m["role"] not in CHAT_ROLES:
+            raise ValueError(f"{name}[{j}] has the role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}")
     return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
 
 
@@ -236,11 +246,16 @@ def _canonical_docs(records: Records, fmt: str, fields: dict, quality_field: str
         except ValueError as err:
             msg = f"{where}: {err}"
             if on_bad_row == "error":
-                raise KeepmixError(msg + "; fix it, or set on_bad_row: skip for this source") from None
+                raise KeepmixError(msg + SKIP_HINT) from None
             skipped.append(msg)
             continue
         docs.append(doc)
     return docs, (np.asarray(quality, dtype=np.float64) if quality_field else None), skipped
+
+
+def _is_empty(doc: dict) -> bool:
+    texts = [m["content"] for m in doc["messages"]] if "messages" in doc else list(doc.values())
+    return not any(t.strip() for t in texts)
 
 
 def split_indices(n: int, valid_docs: int | float, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -279,8 +294,20 @@ def load_source(
         train_idx, valid_idx = split_indices(len(docs), valid_docs, seed, name)
         train, valid = [docs[i] for i in train_idx], [docs[i] for i in valid_idx]
         quality = quality[train_idx] if quality is not None else None
+    if not docs and skipped:
+        raise KeepmixError(f"{path}: every row was skipped as malformed, so no documents are "
+                           f"left; {describe_skipped(skipped)}")
+    if not docs:
+        raise KeepmixError(f"{path}: holds no records; expected at least one document")
+    if all(_is_empty(doc) for doc in docs):
+        raise KeepmixError(f"{path}: every one of its {len(docs)} documents is empty; "
+                           f"check the field names (text_field, prompt_field, ...) and the format")
+    if valid_path is None and isinstance(valid_docs, int) and valid_docs >= len(docs):
+        raise KeepmixError(f"{path}: valid_docs is {valid_docs} but the source has "
+                           f"{len(docs)} usable documents; expected fewer, so that some remain for training")
     if not train:
-        raise KeepmixError(f"source {name!r} ({path}): no usable training documents")
+        raise KeepmixError(f"{path}: no training documents are left after holding out "
+                           f"{len(valid)} (valid_docs: {valid_docs})")
     digest = hashlib.sha256()
     digest.update(json.dumps([format, fields, quality_field, valid_path, valid_docs, seed, name]).encode())
     for doc in train:

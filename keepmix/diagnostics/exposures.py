@@ -50,6 +50,11 @@ def exposures_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "exposures"
 
 
+def has_exposures(run_dir: str | Path) -> bool:
+    """Whether the run has published at least one exposure part."""
+    return bool(_parts(exposures_dir(run_dir)))
+
+
 def _parts(folder: Path) -> list[Path]:
     """Published parts in step order (by the number in the name, not the string: steps may pass 1e8)."""
     if not folder.is_dir():

@@ -14,6 +14,7 @@ import torch
 
 from keepmix.config import RunConfig, load_config
 from keepmix.data.build import prepare_sources
+from keepmix.errors import KeepmixError
 from keepmix.eval.lm import validation_metrics
 from keepmix.model import load_model, quiet_transformers
 from keepmix.training.forward import LossModel
@@ -26,6 +27,12 @@ def _load(cfg: RunConfig, name: str):
                           init=m.init, architecture=m.architecture, trust_remote_code=m.trust_remote_code,
                           seed=cfg.train.seed)
     path = Path(name)
+    if (path / "metrics.jsonl").exists() and not (path / "config.json").exists():
+        raise KeepmixError(f"--model {name}: is a run directory, not a model; use its final/ folder "
+                           f"({path / 'final'})")
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name):
+        raise KeepmixError(f"--model {name}: folder not found (expected a model folder, a run's final/, or a "
+                           f"hub id such as HuggingFaceTB/SmolLM2-135M)")
     if (path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
         from transformers import AutoTokenizer
@@ -40,8 +47,9 @@ def evaluate(config: RunConfig | str | Path, models: list[str], overrides: dict 
              device: str | None = None) -> dict[str, dict[str, float]]:
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"))
-    from keepmix.eval.tasks import run_task
+    from keepmix.eval.tasks import check_tasks, run_task
 
+    check_tasks(list(cfg.eval.tasks), Path(cfg.base_dir))
     results = {}
     for name in models:
         model, tokenizer = _load(cfg, name)

@@ -3,9 +3,10 @@
 Contract: `TaskConfig` is the union of the task kinds, told apart by `kind` (the config wraps it in a
 discriminator on that field): `multiple_choice`, `generation`, `sql_execution`. (The `token_accuracy`
 figures come from the training loop's validation pass, not from here.) Unknown keys are errors.
-`run_task` reads the task's items (`keepmix.data.sources.read_records`), keeps the first `limit`,
+`load_items` reads a task's items (`keepmix.data.sources.read_records`), keeps the first `limit` and
 checks every item — a missing or mistyped field, or a gold index out of range, is a `KeepmixError`
-naming the file, the item index (0-based position among the items read) and the field — and returns the
+naming the file, the item index (0-based position among the items read) and the field; `check_tasks`
+does that for every task before a run starts. `run_task` scores a model on one task and returns the
 task's metrics without the `task/<name>/` prefix:
   multiple_choice  {acc, acc_norm, acc_bytes, n}
   generation       {exact_match, n}
@@ -208,6 +209,40 @@ def sql_items(rows: list[dict], task: SQLExecutionTask, source: str) -> list[SQL
     return items
 
 
+def load_items(task: TaskConfig, base_dir: Path) -> list:
+    """The task's validated items (the first `limit`); KeepmixError naming the file, item and field."""
+    from keepmix.data.sources import read_records
+
+    source = resolve_path(task.path, base_dir)
+    rows = read_records(source, hf_split=task.hf_split, hf_config=task.hf_config)
+    if task.limit is not None:
+        rows = rows[: task.limit]
+    if not rows:
+        raise KeepmixError(f"{source} holds no items")
+    if isinstance(task, MultipleChoiceTask):
+        return mc_items(rows, task, source)
+    if isinstance(task, GenerationTask):
+        return gen_items(rows, task, source)
+    database = Path(resolve_path(task.database, base_dir))
+    if not database.is_file():
+        raise KeepmixError(f"database: file not found: {database}")
+    return sql_items(rows, task, source)
+
+
+def check_tasks(tasks: list[TaskConfig], base_dir: Path) -> None:
+    """Read and validate every task's items before any work, reporting all problems together."""
+    problems = []
+    for i, task in enumerate(tasks):
+        try:
+            load_items(task, base_dir)
+        except KeepmixError as err:
+            problems.append(f"eval.tasks[{i}] ({task.name}): {err}")
+    if len(problems) == 1:
+        raise KeepmixError(problems[0])
+    if problems:
+        raise KeepmixError(f"{len(problems)} problems in the task files:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
 def run_task(
     task: TaskConfig,
     model,
@@ -218,25 +253,17 @@ def run_task(
     batch_size: int | None = None,
 ) -> dict[str, float]:
     """Metrics of `model` on one task, without the `task/<name>/` prefix (see the module doc)."""
-    from keepmix.data.sources import read_records
     from keepmix.eval.choice import score_multiple_choice
     from keepmix.eval.generate import score_generation
     from keepmix.eval.sql import score_sql
 
-    source = resolve_path(task.path, base_dir)
-    rows = read_records(source, hf_split=task.hf_split, hf_config=task.hf_config)
-    if task.limit is not None:
-        rows = rows[: task.limit]
-    if not rows:
-        raise KeepmixError(f"task {task.name!r}: {source} holds no items")
+    items = load_items(task, base_dir)
     bs = task.batch_size or batch_size or DEFAULT_BATCH_SIZE
     if isinstance(task, MultipleChoiceTask):
-        items = mc_items(rows, task, source)
         return score_multiple_choice(
             model, tokenizer, items, batch_size=bs, device=device, target_delimiter=task.target_delimiter
         )
     if isinstance(task, GenerationTask):
-        items = gen_items(rows, task, source)
         return score_generation(
             model,
             tokenizer,
@@ -248,16 +275,12 @@ def run_task(
             lowercase=task.lowercase,
             regex=task.regex,
         )
-    database = Path(resolve_path(task.database, base_dir))
-    if not database.is_file():
-        raise KeepmixError(f"task {task.name!r}: database: file not found: {database}")
-    items = sql_items(rows, task, source)
     try:
         return score_sql(
             model,
             tokenizer,
             items,
-            database=database,
+            database=Path(resolve_path(task.database, base_dir)),
             max_new_tokens=task.max_new_tokens,
             stop=task.stop,
             batch_size=bs,
@@ -266,4 +289,4 @@ def run_task(
             max_rows=task.max_rows,
         )
     except KeepmixError as err:
-        raise KeepmixError(f"task {task.name!r} ({source}): {err}") from None
+        raise KeepmixError(f"task {task.name!r} ({resolve_path(task.path, base_dir)}): {err}") from None

@@ -69,9 +69,7 @@ def render_report(run_dirs: list[Path], out: Path | None = None) -> Path:
 
 
 def load_run(run_dir: Path) -> RunData:
-    if not run_dir.is_dir():
-        raise KeepmixError(f"{run_dir}: not a directory; expected a run directory holding metrics.jsonl.")
-    records = m.read_metrics(run_dir / "metrics.jsonl")
+    records = m.read_run(run_dir)
     config = None
     config_path = run_dir / "config.yaml"
     if config_path.is_file():

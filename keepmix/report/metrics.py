@@ -59,6 +59,23 @@ def read_metrics(path: str | Path) -> Records:
     return Records(records, skipped)
 
 
+def read_run(run_dir: str | Path) -> Records:
+    """The records of a run directory, or a KeepmixError saying why the folder is not a readable run."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise KeepmixError(f"{run_dir}: no such folder; expected a run directory (the `output` of a run).")
+    if not run_dir.is_dir():
+        raise KeepmixError(f"{run_dir}: is a file; expected a run directory holding metrics.jsonl.")
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise KeepmixError(f"{run_dir}: not a keepmix run (no metrics.jsonl in it).")
+    records = read_metrics(path)
+    if not records:
+        raise KeepmixError(f"{path}: no readable records ({len(records.skipped)} line(s) that are not keepmix "
+                           f"records); expected the JSON lines a training run writes.")
+    return records
+
+
 def timeline(records: list[dict]) -> list[dict]:
     """The records of the run as it finally happened, with what a resume replaced removed."""
     out: list[dict] = []

@@ -81,6 +81,9 @@ class Session:
         self.last_metrics: dict[str, float] = {}
         self.last_retention: dict[str, dict] = {}
         self.reused_baseline = self._read_baseline()  # checked before anything is written
+        from keepmix.eval.tasks import check_tasks
+
+        check_tasks(list(cfg.eval.tasks), Path(cfg.base_dir))  # a bad task file fails now, not at the first eval
         self._committed = False  # nothing in the run directory changes before `begin`
         self._found = self._plan_run_dir(resume)
         self._latest = self._found.path if self._found else None

@@ -126,10 +126,13 @@ def test_verdict_line_without_evals():
 def test_bad_inputs_are_sentences(tmp_path):
     with pytest.raises(KeepmixError, match="no run directory given"):
         render_report([])
-    with pytest.raises(KeepmixError, match="not a directory; expected a run directory"):
+    with pytest.raises(KeepmixError, match="missing: no such folder; expected a run directory"):
         render_report([tmp_path / "missing"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(KeepmixError, match="metrics.jsonl: metrics file not found"):
+    with pytest.raises(KeepmixError, match="empty: not a keepmix run \\(no metrics.jsonl in it\\)"):
+        render_report([tmp_path / "empty"])
+    (tmp_path / "empty" / "metrics.jsonl").write_text("not json\n12\n")
+    with pytest.raises(KeepmixError, match="metrics.jsonl: no readable records \\(2 line"):
         render_report([tmp_path / "empty"])
 
 
