@@ -183,7 +183,7 @@ def fabricate_run(src: Path, dst: Path, step: int, spec: dict, part_every: int =
     from keepmix.data.build import build_sampler, prepare_sources
     from keepmix.model import load_tokenizer
     from keepmix.report.metrics import read_metrics
-    from keepmix.training.checkpoint import MARKER, latest_checkpoint, step_dir
+    from keepmix.training.checkpoint import MARKER, latest_checkpoint, step_dir, write_manifest
 
     shutil.rmtree(dst, ignore_errors=True)
     ckpt = latest_checkpoint(src / "checkpoints")
@@ -223,6 +223,7 @@ def fabricate_run(src: Path, dst: Path, step: int, spec: dict, part_every: int =
             index = rows.schema.get_field_index("step")
             parts.append(rows.set_column(index, "step", pa.array([s] * rows.num_rows, pa.int64())))
         pq.write_table(pa.concat_tables(parts), dst / "exposures" / f"part-{first:08d}.parquet")
+    write_manifest(out)  # a resume verifies it, as with keepmix's own checkpoints
     (out / MARKER).write_text(str(step))  # last, as keepmix's own checkpoints
 
 

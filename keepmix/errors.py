@@ -22,3 +22,11 @@ class ConfigError(KeepmixError):
 
 class NonFiniteLossError(KeepmixError):
     """Training stopped because a loss or gradient was not finite; the weights were not updated."""
+
+
+def raise_all(problems: list[str], what: str) -> None:
+    """One KeepmixError holding every problem found (`what`: e.g. "the data"); nothing when there are none."""
+    if len(problems) == 1:
+        raise KeepmixError(problems[0])
+    if problems:
+        raise KeepmixError(f"{len(problems)} problems in {what}:\n" + "\n".join(f"  - {p}" for p in problems))

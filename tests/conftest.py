@@ -82,6 +82,25 @@ def deep_update(base: dict, new: dict) -> dict:
     return base
 
 
+def tiny_run_config(tokenizer_dir: Path, data: str = "", output: str = "out", cache_dir: str = "cache") -> dict:
+    """A 12-step tiny-Llama run on general.jsonl and qa.jsonl (in folder `data`, or the config's own)."""
+    return {
+        "model": {"init": "scratch", "tokenizer": str(tokenizer_dir), "architecture": dict(TINY_LLAMA)},
+        "sources": [
+            {"name": "general", "path": str(Path(data) / "general.jsonl"), "valid_docs": 10},
+            {"name": "qa", "path": str(Path(data) / "qa.jsonl"), "format": "prompt_completion",
+             "loss_on": "completion", "valid_docs": 10},
+        ],
+        "mixture": {"schedule": [{"at": 0.0, "weights": {"general": 0.8, "qa": 0.2}},
+                                 {"at": 1.0, "weights": {"general": 0.3, "qa": 0.7}}], "floor": 0.1},
+        "train": {"seq_len": 64, "batch_size": 4, "steps": 12, "lr": 3e-3, "warmup": 2, "seed": 0,
+                  "checkpoint_every": 6, "keep_checkpoints": 5, "threads": 1},
+        "eval": {"every": 6, "batch_size": 8},
+        "output": output,
+        "cache_dir": cache_dir,
+    }
+
+
 @pytest.fixture
 def make_run(tmp_path, tokenizer_dir):
     """Writes data and a tiny-Llama run config; returns the YAML path. Keyword args update the config."""
@@ -91,22 +110,7 @@ def make_run(tmp_path, tokenizer_dir):
         folder.mkdir(exist_ok=True)
         write_jsonl(folder / "general.jsonl", prose_docs(120))
         write_jsonl(folder / "qa.jsonl", qa_docs(120))
-        cfg = {
-            "model": {"init": "scratch", "tokenizer": str(tokenizer_dir), "architecture": dict(TINY_LLAMA)},
-            "sources": [
-                {"name": "general", "path": "general.jsonl", "valid_docs": 10},
-                {"name": "qa", "path": "qa.jsonl", "format": "prompt_completion", "loss_on": "completion",
-                 "valid_docs": 10},
-            ],
-            "mixture": {"schedule": [{"at": 0.0, "weights": {"general": 0.8, "qa": 0.2}},
-                                     {"at": 1.0, "weights": {"general": 0.3, "qa": 0.7}}], "floor": 0.1},
-            "train": {"seq_len": 64, "batch_size": 4, "steps": 12, "lr": 3e-3, "warmup": 2, "seed": 0,
-                      "checkpoint_every": 6, "keep_checkpoints": 5, "threads": 1},
-            "eval": {"every": 6, "batch_size": 8},
-            "output": "out",
-            "cache_dir": "cache",
-        }
-        deep_update(cfg, updates)
+        cfg = deep_update(tiny_run_config(tokenizer_dir), updates)
         path = folder / "run.yaml"
         path.write_text(yaml.safe_dump(cfg))
         return path

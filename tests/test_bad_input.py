@@ -17,7 +17,7 @@ import yaml
 
 import keepmix
 from keepmix.cli import main
-from tests.conftest import TINY_LLAMA, deep_update, prose_docs, qa_docs, write_jsonl
+from tests.conftest import deep_update, prose_docs, qa_docs, tiny_run_config, write_jsonl
 
 
 # ---- the world each case starts from ------------------------------------------------------------------
@@ -37,21 +37,7 @@ def shared(tmp_path_factory, tokenizer_dir):
 
 
 def base_config(root: Path, tokenizer_dir: Path, out: Path) -> dict:
-    return {
-        "model": {"init": "scratch", "tokenizer": str(tokenizer_dir), "architecture": dict(TINY_LLAMA)},
-        "sources": [
-            {"name": "general", "path": str(root / "general.jsonl"), "valid_docs": 10},
-            {"name": "qa", "path": str(root / "qa.jsonl"), "format": "prompt_completion", "loss_on": "completion",
-             "valid_docs": 10},
-        ],
-        "mixture": {"schedule": [{"at": 0.0, "weights": {"general": 0.8, "qa": 0.2}},
-                                 {"at": 1.0, "weights": {"general": 0.3, "qa": 0.7}}], "floor": 0.1},
-        "train": {"seq_len": 64, "batch_size": 4, "steps": 12, "lr": 3e-3, "warmup": 2, "seed": 0,
-                  "checkpoint_every": 6, "keep_checkpoints": 5, "threads": 1},
-        "eval": {"every": 6, "batch_size": 8},
-        "output": str(out),
-        "cache_dir": str(root / "cache"),
-    }
+    return tiny_run_config(tokenizer_dir, data=str(root), output=str(out), cache_dir=str(root / "cache"))
 
 
 class Case:

@@ -18,7 +18,7 @@ from keepmix.data.mixture import MixtureSampler, QualitySchedule, Schedule
 from keepmix.data.packing import DocStream
 from keepmix.data.sources import describe_skipped, iter_canonical_docs, load_source, stream_fingerprint
 from keepmix.data.tokenize import TokenDocs, cached_tokenize, default_cache_dir, streamed_tokenize
-from keepmix.errors import KeepmixError
+from keepmix.errors import KeepmixError, raise_all
 
 
 @dataclass
@@ -42,10 +42,7 @@ def prepare_sources(cfg: RunConfig, tokenizer, log=print) -> list[PreparedSource
                        else _prepare(cfg, s, tokenizer, cache_dir, log))
         except KeepmixError as err:
             problems.append(f"sources[{i}] ({s.name}): {err}")
-    if len(problems) == 1:
-        raise KeepmixError(problems[0])
-    if problems:
-        raise KeepmixError(f"{len(problems)} problems in the data:\n" + "\n".join(f"  - {p}" for p in problems))
+    raise_all(problems, "the data")
     return out
 
 

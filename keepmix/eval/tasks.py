@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from keepmix.errors import KeepmixError
+from keepmix.errors import KeepmixError, raise_all
 
 # keepmix.config imports this module to validate configs: the evaluators (torch, transformers) are
 # imported where they run, so that loading a config stays fast.
@@ -237,10 +237,7 @@ def check_tasks(tasks: list[TaskConfig], base_dir: Path) -> None:
             load_items(task, base_dir)
         except KeepmixError as err:
             problems.append(f"eval.tasks[{i}] ({task.name}): {err}")
-    if len(problems) == 1:
-        raise KeepmixError(problems[0])
-    if problems:
-        raise KeepmixError(f"{len(problems)} problems in the task files:\n" + "\n".join(f"  - {p}" for p in problems))
+    raise_all(problems, "the task files")
 
 
 def run_task(

@@ -96,7 +96,7 @@ def save_checkpoint(root: Path, step: int, *, weights: dict[str, torch.Tensor] |
     (staging / "state.json").write_text(json.dumps(state))
     for name, text in (extra_files or {}).items():
         (staging / name).write_text(text)
-    (staging / MANIFEST).write_text(json.dumps(_manifest(staging), indent=1))
+    write_manifest(staging)
     for f in staging.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
@@ -137,6 +137,11 @@ def _manifest(folder: Path) -> dict:
     return {"version": 1, "hash": "xxh3_64",
             "files": {f.relative_to(folder).as_posix(): {"size": f.stat().st_size, "xxh3_64": _file_hash(f)}
                       for f in files}}
+
+
+def write_manifest(folder: Path) -> None:
+    """manifest.json over every file of the folder but the marker (call it after the last of them)."""
+    (folder / MANIFEST).write_text(json.dumps(_manifest(folder), indent=1))
 
 
 def verify_checkpoint(path: Path) -> str | None:

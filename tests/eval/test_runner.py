@@ -22,3 +22,15 @@ def test_eval_matches_the_runs_own_evals(make_run, capsys):
     print_comparison(results)
     out = capsys.readouterr().out
     assert "valid/general/token_acc" in out and "(Δ)" in out
+
+
+def test_eval_out_makes_its_folder_and_writes_the_results(make_run, capsys):
+    import json
+
+    from keepmix.cli import main
+
+    config = make_run()
+    out = config.parent / "results" / "nested" / "base.json"
+    assert main(["eval", str(config), "--out", str(out)]) == 0
+    assert f"written: {out}" in capsys.readouterr().out
+    assert "valid/general/loss" in json.loads(out.read_text())["base"]

@@ -162,3 +162,100 @@ def test_non_finite_loss_stops_before_the_update(make_run, monkeypatch):
     params = dict(seen["model"].named_parameters())
     for n, t in weights.items():
         assert torch.equal(t, params[n].detach()), n
+
+
+# ---- nothing lost: damaged checkpoints fall back, runs without one refuse, failed starts rerun -----------
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _scramble(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, only the checksum can tell
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated-weights": lambda ck: _truncate(ck / "weights.safetensors"),
+    "missing-optimizer": lambda ck: (ck / "optimizer.pt").unlink(),
+    "corrupt-state": lambda ck: (ck / "state.json").write_text('{"step": 8, "sampler": {'),
+    "scrambled-weights": lambda ck: _scramble(ck / "weights.safetensors"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(make_run, damage, capsys):
+    cfg = {"train": {"checkpoint_every": 4}}
+    whole, broken = make_run("whole", **cfg), make_run("broken", **cfg)
+    keepmix.train(whole, progress="quiet")
+    keepmix.train(broken, progress="quiet", stop_at=8)  # checkpoints at steps 4 and 8
+    run_dir = broken.parent / "out"
+    DAMAGE[damage](run_dir / "checkpoints" / "step-00000008")
+    capsys.readouterr()
+    result = keepmix.train(broken, progress="quiet", resume=True)
+    said = capsys.readouterr().out
+    assert result.status == "completed"
+    assert "checkpoint step-00000008 is damaged (" in said and "resuming from step-00000004" in said, said
+    start = train_records(run_dir, "start")[-1]
+    assert start["resumed_from"] == 4 and list(start["damaged_checkpoints"]) == ["step-00000008"]
+    # from step 4 the resumed run is the uninterrupted one, bit for bit
+    assert losses(run_dir) == losses(whole.parent / "out")
+    assert_same_weights(final_weights(whole.parent / "out"), final_weights(run_dir))
+    from keepmix.diagnostics.exposures import read_exposures
+
+    assert read_exposures(run_dir).to_pandas().equals(read_exposures(whole.parent / "out").to_pandas())  # NaN == NaN
+
+
+def test_resume_with_no_run_yet_starts_one_and_says_so(make_run, capsys):
+    config = make_run()
+    result = keepmix.train(config, progress="quiet", resume=True)
+    assert result.status == "completed"
+    assert f"--resume: no run in {config.parent / 'out'} yet; starting a new one" in capsys.readouterr().out
+    assert [r["resumed_from"] for r in train_records(config.parent / "out", "start")] == [None]
+
+
+def test_a_run_that_failed_before_its_first_step_does_not_block_the_rerun(make_run, monkeypatch, capsys):
+    from keepmix.training import loop
+
+    config = make_run("rerun")
+    reference = make_run("reference")
+    keepmix.train(reference, progress="quiet")
+    real = loop.run_rows
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(loop, "run_rows", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        keepmix.train(config, progress="quiet")
+    run_dir = config.parent / "out"
+    assert [r["kind"] for r in train_records(run_dir, "start")] == ["start"]  # the baseline eval was written
+    monkeypatch.setattr(loop, "run_rows", real)
+    capsys.readouterr()
+    keepmix.train(config, progress="quiet")
+    assert "stopped before its first training step (no checkpoint): starting it over" in capsys.readouterr().out
+    assert len(train_records(run_dir, "start")) == 1 and len(train_records(run_dir, "eval")) == 3
+    assert losses(run_dir) == losses(reference.parent / "out")
+
+
+def test_an_unexpected_error_is_one_paragraph_with_the_traceback_in_the_run_folder(make_run, monkeypatch, capsys):
+    from keepmix.cli import main
+    from keepmix.training import loop
+
+    config = make_run()
+    keepmix.train(config, progress="quiet", stop_at=6)
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(loop, "run_rows", broken)
+    assert main(["train", str(config), "--resume", "--quiet", "--no-report"]) == 1
+    err = capsys.readouterr().err
+    assert "keepmix: error: an unexpected ZeroDivisionError stopped keepmix (division by zero). This is a bug" in err
+    assert "Traceback" not in err
+    dumps = list((config.parent / "out").glob("keepmix-error-*.txt"))
+    assert len(dumps) == 1 and str(dumps[0]) in err
+    text = dumps[0].read_text()
+    assert "Traceback (most recent call last)" in text and "in broken" in text
+    assert main(["--debug", "train", str(config), "--resume", "--quiet", "--no-report"]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
