@@ -23,13 +23,34 @@ dtype, as nn.Linear's would. Double backward is not supported.
 
 `full_linear_cross_entropy` is the plain path (hidden @ weight.T, then F.cross_entropy): the reference,
 and the choice for models whose head does something the fused path does not know about.
+
+KL to a base model: with `base=BaseLogits(hidden, weight, bias, kl_weights, mask)` both functions also
+compute, at the positions of `mask` (a subset of the non-ignored ones), KL_i = KL(p_base ‖ p_model) =
+sum_v p_base(v) (log p_base(v) - log p_model(v)) from the base model's final hidden states through the
+base head, add sum_i kl_weights[i] * KL_i to the loss and return a fourth output, token_kl (N,) float32,
+detached, 0 outside `mask`. The gradient w.r.t. the model's logits is kl_weights[i] * (p_model - p_base);
+nothing flows into the base. The fused path takes those rows in chunks of chunk_size // 3, as it holds
+three (c, V) buffers for them (model logits, base log-probabilities, base probabilities): the same peak
+memory as the plain CE chunks.
 """
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["fused_linear_cross_entropy", "full_linear_cross_entropy", "LOSS_IMPLS"]
+__all__ = ["BaseLogits", "fused_linear_cross_entropy", "full_linear_cross_entropy", "LOSS_IMPLS"]
+
+
+class BaseLogits(NamedTuple):
+    """What the KL term needs of the frozen base model, aligned with the model's flattened positions."""
+
+    hidden: torch.Tensor  # (N, H) base final hidden states (rows outside `mask` may hold anything)
+    weight: torch.Tensor  # (V, H) base head weight
+    bias: torch.Tensor | None  # (V,) or None
+    kl_weights: torch.Tensor  # (N,) weight of each KL_i in the scalar loss (0: measured only)
+    mask: torch.Tensor  # (N,) bool, where KL_i is computed
 
 
 def fused_linear_cross_entropy(
@@ -41,21 +62,29 @@ def fused_linear_cross_entropy(
     bias: torch.Tensor | None = None,
     chunk_size: int = 4096,
     ignore_index: int = -100,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LM head + weighted cross-entropy, chunk by chunk, gradients computed in the forward pass."""
+    base: BaseLogits | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """LM head + weighted cross-entropy (+ KL to a base), chunk by chunk, gradients computed in the forward."""
     _check_inputs(hidden, weight, labels, token_weights, bias, chunk_size, ignore_index)
+    base = _checked_base(base, hidden, weight, labels, ignore_index)
     params = (hidden, weight) if bias is None else (hidden, weight, bias)
     if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
-        loss, token_loss, token_correct, _, _, _ = _chunked_head_loss(
-            hidden, weight, labels, token_weights, bias, chunk_size, ignore_index, (False, False, False)
-        )
-        return loss, token_loss, token_correct
-    if token_weights.requires_grad:
+        out = _chunked_head_loss(hidden, weight, labels, token_weights, bias, chunk_size, ignore_index,
+                                 (False, False, False), base)
+        return out[:3] if base is None else (*out[:3], out[6])
+    if token_weights.requires_grad or (base is not None and base.kl_weights.requires_grad):
         raise ValueError(
-            "fused_linear_cross_entropy: token_weights requires grad, but it is treated as a constant; "
-            "pass token_weights.detach() (or use full_linear_cross_entropy to differentiate through it)."
+            f"fused_linear_cross_entropy: {'token_weights' if token_weights.requires_grad else 'base.kl_weights'} "
+            "requires grad, but it is treated as a constant; pass a detached tensor (or use "
+            "full_linear_cross_entropy to differentiate through it)."
         )
-    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, token_weights, bias, chunk_size, ignore_index)
+    if base is None:
+        return _FusedLinearCrossEntropy.apply(hidden, weight, labels, token_weights, bias, chunk_size, ignore_index,
+                                              None, None, None, None, None)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, token_weights, bias, chunk_size, ignore_index,
+                                          base.hidden.detach(), base.weight.detach(),
+                                          None if base.bias is None else base.bias.detach(), base.kl_weights,
+                                          base.mask)
 
 
 def full_linear_cross_entropy(
@@ -67,15 +96,24 @@ def full_linear_cross_entropy(
     bias: torch.Tensor | None = None,
     chunk_size: int = 4096,
     ignore_index: int = -100,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    base: BaseLogits | None = None,
+) -> tuple[torch.Tensor, ...]:
     """The plain path: all N x V logits at once, then F.cross_entropy. `chunk_size` is accepted and unused."""
     _check_inputs(hidden, weight, labels, token_weights, bias, chunk_size, ignore_index)
+    base = _checked_base(base, hidden, weight, labels, ignore_index)
     logits = F.linear(hidden, weight, bias)  # (N, V)
     logits = logits.to(_softmax_dtype(logits.dtype))
     token_loss = F.cross_entropy(logits, labels, reduction="none", ignore_index=ignore_index)
     loss = (token_loss * token_weights.to(token_loss.dtype)).sum()
     token_correct = (logits.detach().argmax(dim=-1) == labels) & (labels != ignore_index)
-    return loss, token_loss.detach().float(), token_correct
+    if base is None:
+        return loss, token_loss.detach().float(), token_correct
+    with torch.no_grad():
+        base_logits = F.linear(base.hidden, base.weight, base.bias).to(logits.dtype)
+    log_pb = base_logits.log_softmax(-1)
+    kl = (log_pb.exp() * (log_pb - logits.log_softmax(-1))).sum(-1) * base.mask
+    loss = loss + (kl * base.kl_weights.to(kl.dtype)).sum()
+    return loss, token_loss.detach().float(), token_correct, kl.detach().float()
 
 
 # What `train.loss_impl` names: the loop looks the function up here.
@@ -84,28 +122,33 @@ LOSS_IMPLS = {"fused": fused_linear_cross_entropy, "full": full_linear_cross_ent
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, token_weights, bias, chunk_size, ignore_index):
+    def forward(ctx, hidden, weight, labels, token_weights, bias, chunk_size, ignore_index,
+                base_hidden, base_weight, base_bias, kl_weights, kl_mask):
         wanted = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-        loss, token_loss, token_correct, grad_hidden, grad_weight, grad_bias = _chunked_head_loss(
-            hidden, weight, labels, token_weights, bias, chunk_size, ignore_index, wanted
+        base = None if base_hidden is None else BaseLogits(base_hidden, base_weight, base_bias, kl_weights, kl_mask)
+        loss, token_loss, token_correct, grad_hidden, grad_weight, grad_bias, token_kl = _chunked_head_loss(
+            hidden, weight, labels, token_weights, bias, chunk_size, ignore_index, wanted, base
         )
         # The gradients are saved like activations so saved-tensor hooks (offloading) see them.
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.mark_non_differentiable(token_loss, token_correct)
-        return loss, token_loss, token_correct
+        if base is None:
+            ctx.mark_non_differentiable(token_loss, token_correct)
+            return loss, token_loss, token_correct
+        ctx.mark_non_differentiable(token_loss, token_correct, token_kl)
+        return loss, token_loss, token_correct, token_kl
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss, _grad_token_loss, _grad_token_correct):
+    def backward(ctx, grad_loss, *_grad_outputs):
         # Out of place, so a retained graph can run backward again; the 0-dim grad_loss keeps each
         # gradient's dtype (bf16 stays bf16) without rounding the scale itself to bf16 first.
         grads = [None if g is None else g * grad_loss for g in ctx.saved_tensors]
         grad_hidden, grad_weight, grad_bias = grads
-        return grad_hidden, grad_weight, None, None, grad_bias, None, None
+        return grad_hidden, grad_weight, None, None, grad_bias, None, None, None, None, None, None, None
 
 
-def _chunked_head_loss(hidden, weight, labels, token_weights, bias, chunk_size, ignore_index, wanted):
-    """The shared pass: losses, top-1 correctness and (for the `wanted` inputs) their gradients."""
+def _chunked_head_loss(hidden, weight, labels, token_weights, bias, chunk_size, ignore_index, wanted, base=None):
+    """The shared pass: losses, top-1 correctness, KL where `base.mask`, and the `wanted` gradients."""
     want_hidden, want_weight, want_bias = wanted
     n, device = hidden.shape[0], hidden.device
     compute_dtype = _matmul_dtype(hidden, weight)
@@ -114,35 +157,53 @@ def _chunked_head_loss(hidden, weight, labels, token_weights, bias, chunk_size, 
     loss = torch.zeros((), dtype=acc_dtype, device=device)
     token_loss = torch.zeros(n, dtype=torch.float32, device=device)
     token_correct = torch.zeros(n, dtype=torch.bool, device=device)
+    token_kl = torch.zeros(n, dtype=torch.float32, device=device) if base is not None else None
     grad_hidden = torch.zeros_like(hidden) if want_hidden else None
     grad_weight = torch.zeros_like(weight) if want_weight else None
     grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=device) if want_bias else None
 
-    rows = (labels != ignore_index).nonzero().squeeze(1)  # ignored positions never reach the matmul
+    targets = labels != ignore_index  # ignored positions never reach the matmul
+    kl_rows = base.mask & targets if base is not None else torch.zeros_like(targets)
     w = weight.to(compute_dtype)
     b = None if bias is None else bias.to(compute_dtype)
     tok_w = token_weights.to(acc_dtype)
+    grads = (grad_hidden, grad_weight, grad_bias)
     # Casts are explicit here, so autocast must not re-cast the float32 softmax grads in _head_chunk.
     with torch.autocast(device.type, enabled=False):
+        rows = (targets & ~kl_rows).nonzero().squeeze(1)
         for start in range(0, rows.numel(), chunk_size):
             idx = rows[start : start + chunk_size]
             w_chunk = tok_w.index_select(0, idx)
-            ce, correct = _head_chunk(
-                hidden, labels, idx, w_chunk, w, b, acc_dtype, grad_hidden, grad_weight, grad_bias
-            )
+            ce, correct, _ = _head_chunk(hidden, labels, idx, w_chunk, w, b, acc_dtype, *grads)
             token_loss.index_copy_(0, idx, ce.float())
             token_correct.index_copy_(0, idx, correct)
             loss += (w_chunk * ce).sum()
+        if base is not None:
+            bw = base.weight.to(compute_dtype)
+            bb = None if base.bias is None else base.bias.to(compute_dtype)
+            kl_w = base.kl_weights.to(acc_dtype)
+            rows = kl_rows.nonzero().squeeze(1)
+            step = max(chunk_size // 3, 1)  # three (c, V) buffers per KL chunk: same peak as a CE chunk
+            for start in range(0, rows.numel(), step):
+                idx = rows[start : start + step]
+                w_chunk, k_chunk = tok_w.index_select(0, idx), kl_w.index_select(0, idx)
+                ce, correct, kl = _head_chunk(hidden, labels, idx, w_chunk, w, b, acc_dtype, *grads,
+                                              base=(base.hidden, bw, bb, k_chunk))
+                token_loss.index_copy_(0, idx, ce.float())
+                token_correct.index_copy_(0, idx, correct)
+                token_kl.index_copy_(0, idx, kl.float())
+                loss += (w_chunk * ce).sum() + (k_chunk * kl).sum()
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)
-    return loss, token_loss, token_correct, grad_hidden, grad_weight, grad_bias
+    return loss, token_loss, token_correct, grad_hidden, grad_weight, grad_bias, token_kl
 
 
-def _head_chunk(hidden, labels, idx, w_chunk, w, b, acc_dtype, grad_hidden, grad_weight, grad_bias):
-    """Rows `idx`: returns (CE, top-1 correct) and adds their gradients into the non-None grad buffers.
+def _head_chunk(hidden, labels, idx, w_chunk, w, b, acc_dtype, grad_hidden, grad_weight, grad_bias, base=None):
+    """Rows `idx`: returns (CE, top-1 correct, KL or None) and adds their gradients into the non-None grad
+    buffers. `base` = (base hidden, base head weight, base bias, KL weights of these rows) adds the KL term.
 
-    A function of its own so the chunk's (c, V) buffer is freed on return, before the next chunk's
-    matmul allocates its own: peak extra memory stays one chunk of logits.
+    A function of its own so the chunk's (c, V) buffers are freed on return, before the next chunk's
+    matmul allocates its own: peak extra memory stays one chunk of logits (three for a KL chunk).
     """
     h = hidden.index_select(0, idx).to(w.dtype)  # (c, H)
     y = labels.index_select(0, idx)
@@ -152,13 +213,32 @@ def _head_chunk(hidden, labels, idx, w_chunk, w, b, acc_dtype, grad_hidden, grad
     # place over the logits, because torch.logsumexp would hold a second (c, V) buffer.
     row_max, top1 = logits.max(dim=-1, keepdim=True)
     correct = top1.squeeze(1) == y
-    exp_logits = logits.sub_(row_max).exp_()
-    sum_exp = exp_logits.sum(dim=-1, keepdim=True)
-    ce = (row_max + sum_exp.log()).squeeze(1) - target_logit
-    if grad_hidden is None and grad_weight is None and grad_bias is None:
-        return ce, correct
-    # d loss / d logits = token_weight * (softmax - onehot), still in the same buffer, in one pass.
-    grad_logits = exp_logits.mul_(w_chunk[:, None] / sum_exp)
+    kl = None
+    if base is not None:
+        base_hidden, bw, bb, k_chunk = base
+        # at most three (c, V) buffers live at once: logits, base log-probs, and one temporary / p_base
+        lse = row_max + (logits - row_max).exp_().sum(dim=-1, keepdim=True).log()
+        hb = base_hidden.index_select(0, idx).to(bw.dtype)
+        log_pb = (hb @ bw.T if bb is None else torch.addmm(bb, hb, bw.T)).to(acc_dtype)  # (c, V)
+        log_pb -= torch.logsumexp(log_pb, dim=-1, keepdim=True)
+        p_b = log_pb.exp()  # (c, V)
+        log_pb -= logits.sub_(lse)  # log p_base - log p_model; `logits` now holds log p_model
+        kl = torch.bmm(p_b.unsqueeze(1), log_pb.unsqueeze(2)).reshape(-1)  # row-wise dot: no (c, V) temporary
+        ce = lse.squeeze(1) - target_logit
+        del log_pb
+        if grad_hidden is None and grad_weight is None and grad_bias is None:
+            return ce, correct, kl
+        # d/d logits = w (p_model - onehot) + k (p_model - p_base), in the logits' buffer
+        grad_logits = logits.exp_().mul_((w_chunk + k_chunk)[:, None]).addcmul_(p_b, k_chunk[:, None], value=-1)
+        del p_b
+    else:
+        exp_logits = logits.sub_(row_max).exp_()
+        sum_exp = exp_logits.sum(dim=-1, keepdim=True)
+        ce = (row_max + sum_exp.log()).squeeze(1) - target_logit
+        if grad_hidden is None and grad_weight is None and grad_bias is None:
+            return ce, correct, kl
+        # d loss / d logits = token_weight * (softmax - onehot), still in the same buffer, in one pass.
+        grad_logits = exp_logits.mul_(w_chunk[:, None] / sum_exp)
     grad_logits[torch.arange(idx.numel(), device=idx.device), y] -= w_chunk
     if grad_bias is not None:
         grad_bias += grad_logits.sum(dim=0)
@@ -170,7 +250,7 @@ def _head_chunk(hidden, labels, idx, w_chunk, w, b, acc_dtype, grad_hidden, grad
             grad_weight.addmm_(g.T, h)
         else:  # float32 master weight under autocast: accumulate in its own precision
             grad_weight += g.T @ h
-    return ce, correct
+    return ce, correct, kl
 
 
 def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -184,6 +264,21 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for the logsumexp even from bf16/fp16 logits; float64 stays float64."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _checked_base(base: BaseLogits | None, hidden, weight, labels, ignore_index) -> BaseLogits | None:
+    if base is None:
+        return None
+    n = hidden.shape[0]
+    if base.hidden.shape != (n, base.weight.shape[1]) or base.weight.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"linear cross-entropy: base hidden {tuple(base.hidden.shape)} and base weight "
+            f"{tuple(base.weight.shape)} must be ({n}, H_base) and ({weight.shape[0]}, H_base): the same "
+            f"positions and vocabulary as the model's."
+        )
+    if base.kl_weights.shape != (n,) or base.mask.shape != (n,) or base.mask.dtype != torch.bool:
+        raise ValueError(f"linear cross-entropy: base.kl_weights and base.mask (bool) must have shape ({n},)")
+    return base._replace(mask=base.mask & (labels != ignore_index))
 
 
 def _check_inputs(hidden, weight, labels, token_weights, bias, chunk_size, ignore_index) -> None:

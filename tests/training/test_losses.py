@@ -303,3 +303,72 @@ def test_bad_inputs_are_explained(impl, change, message):
     with pytest.raises(ValueError, match=message):
         LOSS_IMPLS[impl](args.pop("hidden"), args.pop("weight"), args.pop("labels"), args.pop("token_weights"),
                          **args)
+
+
+# ---- KL(base ‖ model) through the same fused, chunked head ----------------------------------------------
+def kl_inputs(n=30, h=8, v=40, dtype=torch.float64, seed=1):
+    hidden, weight, bias, labels, token_weights = make_inputs(n, h, v, dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    base_hidden = torch.randn(n, h, generator=g, dtype=dtype)
+    base_weight = weight + 0.3 * torch.randn(v, h, generator=g, dtype=dtype)
+    mask = torch.rand(n, generator=g) < 0.6  # some rows with the KL term, some without
+    kl_weights = (torch.rand(n, generator=g, dtype=dtype) + 0.5) * mask
+    return hidden, weight, bias, labels, token_weights, base_hidden, base_weight, kl_weights, mask
+
+
+def kl_reference(hidden, weight, bias, labels, token_weights, base_hidden, base_weight, kl_weights, mask):
+    """Written independently: CE + sum_i k_i * sum_v p_b (log p_b - log p_m) at the masked targets."""
+    loss, token_loss, correct = reference(hidden, weight, bias, labels, token_weights)
+    log_pm = torch.log_softmax(hidden @ weight.T + bias, dim=-1)
+    log_pb = torch.log_softmax(base_hidden @ base_weight.T + bias.detach(), dim=-1)  # the base is frozen
+    kl = (log_pb.exp() * (log_pb - log_pm)).sum(-1) * (mask & (labels != -100))
+    return loss + (kl_weights * kl).sum(), token_loss, correct, kl
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("chunk_size", [3, 7, 4096])
+def test_kl_to_base_matches_a_plain_full_logits_kl_in_values_and_gradients(impl, chunk_size):
+    from keepmix.training.losses import BaseLogits
+
+    hidden, weight, bias, labels, tw, bh, bw, kw, mask = kl_inputs()
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    base = BaseLogits(bh, bw, bias, kw, mask)
+    loss, token_loss, correct, token_kl = LOSS_IMPLS[impl](*leaves[:2], labels, tw, bias=leaves[2],
+                                                           chunk_size=chunk_size, base=base)
+    (loss * 0.7).backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    want = kl_reference(*ref_leaves, labels, tw, bh, bw, kw, mask)
+    (want[0] * 0.7).backward()
+    tol = TOL[torch.float64]
+    torch.testing.assert_close(loss.detach(), want[0].detach(), **tol)
+    torch.testing.assert_close(token_loss, want[1].float(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(correct, want[2])
+    torch.testing.assert_close(token_kl, want[3].detach().float(), rtol=1e-5, atol=1e-6)
+    assert (token_kl[~mask] == 0).all() and (token_kl[mask & (labels != -100)] > 0).all()
+    for got, ref in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, ref.grad, **tol)
+
+
+def test_kl_is_zero_against_itself_and_measured_without_gradient():
+    from keepmix.training.losses import BaseLogits
+
+    hidden, weight, bias, labels, tw, *_ = kl_inputs(dtype=torch.float32)
+    everywhere = labels != -100
+    base = BaseLogits(hidden, weight, bias, torch.zeros_like(tw), everywhere)
+    with torch.no_grad():
+        loss, token_loss, _, token_kl = fused_linear_cross_entropy(hidden, weight, labels, tw, bias=bias, base=base)
+        plain, plain_tokens, _ = fused_linear_cross_entropy(hidden, weight, labels, tw, bias=bias)
+    assert token_kl.abs().max() < 1e-5
+    torch.testing.assert_close(loss, plain)  # kl_weights 0: the loss is the CE alone
+    torch.testing.assert_close(token_loss, plain_tokens)
+
+
+def test_kl_under_bf16_autocast_stays_close_to_fp32():
+    from keepmix.training.losses import BaseLogits
+
+    hidden, weight, bias, labels, tw, bh, bw, kw, mask = kl_inputs(n=64, h=16, v=96, dtype=torch.float32)
+    base = BaseLogits(bh, bw, bias, kw, mask)
+    want = fused_linear_cross_entropy(hidden, weight, labels, tw, bias=bias, base=base)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_linear_cross_entropy(hidden, weight, labels, tw, bias=bias, base=base)
+    torch.testing.assert_close(got[3], want[3], rtol=0.05, atol=0.02)
