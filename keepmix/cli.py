@@ -42,11 +42,13 @@ def cmd_train(args) -> None:
 def _print_retention(result) -> None:
     from rich.console import Console
 
-    from keepmix.eval.retention import format_retention_table
+    from keepmix.eval.retention import drift_line, format_retention_table
 
     if result.retention:
         console = Console()
         console.print(format_retention_table(result.retention))
+        if drift_line(result.metrics):
+            console.print(drift_line(result.metrics), markup=False)
         end = [line for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "end"' in line]
         if end:
             import json

@@ -96,6 +96,10 @@ class SourceConfig(_Strict):
         "error", description="Malformed rows: stop with file:line, or skip, count and report them."
     )
     floor: float | None = Field(None, ge=0, le=1, description="This source's minimum share.")
+    kl_to_base: float = Field(
+        0.0, ge=0, description="beta: add beta * KL(p_base || p_model) per target token of this source's rows "
+        "(0 = off)."
+    )
     streaming: bool = Field(
         False, description="Read and tokenize record by record into memory-mapped shards (corpora larger "
         "than memory); the first valid_docs records are held out."
@@ -161,6 +165,10 @@ class TrainConfig(_Strict):
         False, description="With several processes, shard weights, gradients and optimizer state (FSDP2)."
     )
     threads: int | None = Field(None, gt=0, description="CPU threads (torch.set_num_threads).")
+    l2_to_base: float = Field(
+        0.0, ge=0, description="lambda: add lambda/2 * ||theta - theta_0||^2 over the trained weights (L2-SP; "
+        "LoRA: the adapter's weight change); 0 = off."
+    )
     checkpoint_every: int | None = Field(100, gt=0, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, gt=0, description="Keep the newest K complete checkpoints.")
     log_every: int = Field(1, gt=0, description="Steps between progress updates.")
@@ -173,6 +181,9 @@ class EvalConfig(_Strict):
         None, gt=0, description="Cap on validation tokens per source (None: all held-out docs)."
     )
     retention_tolerance: float = Field(0.02, ge=0, description="Allowed loss per metric vs baseline.")
+    kl_to_base: bool = Field(
+        True, description="Report valid/<source>/kl_to_base: KL(p_base || p_model) per held-out token."
+    )
     baseline_from: str | None = Field(
         None, description="A run whose step-0 eval to reuse as the baseline (same model, data and eval; checked)."
     )
@@ -306,6 +317,9 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
         problems.append(
             f"train.micro_batch_size: must divide train.batch_size ({t.batch_size}); got {t.micro_batch_size}"
         )
+    if t.l2_to_base > 0 and t.fsdp:
+        problems.append("train.l2_to_base: not supported with train.fsdp (the anchor weights are not sharded); "
+                        "use DDP (fsdp: false) or set it to 0")
     if t.warmup >= 1 and int(t.warmup) != t.warmup:
         problems.append(f"train.warmup: a step count must be a whole number (got {t.warmup})")
     if t.warmup >= 1 and t.warmup > t.steps:
@@ -322,6 +336,9 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
                             f"(the first N), not a fraction (got {s.valid_docs})")
         if s.streaming and s.quality_field:
             problems.append(f"sources[{i}].quality_field: not supported with streaming: true")
+        if s.kl_to_base > 0 and cfg.train.fsdp:
+            problems.append(f"sources[{i}].kl_to_base: not supported with train.fsdp (the frozen base is not "
+                            f"sharded); use DDP (fsdp: false) or set it to 0")
         if s.loss_on == "completion" and s.format == "text":
             problems.append(f"sources[{i}].loss_on: 'completion' needs format chat or prompt_completion")
     m = cfg.model
@@ -472,7 +489,8 @@ RESUME_SAFE_KEYS = (
 
 
 # Keys that cannot change what the untouched model scores at step 0: a run may reuse another run's
-# baseline eval (eval.baseline_from) when everything else is equal. sources[].floor is dropped separately.
+# baseline eval (eval.baseline_from) when everything else is equal. sources[].floor and kl_to_base are
+# dropped separately.
 BASELINE_SAFE_KEYS = (
     "mixture",
     "output",
@@ -483,6 +501,7 @@ BASELINE_SAFE_KEYS = (
     "eval.baseline_from",
     "model.lora.merge",
     *(f"train.{k}" for k in ("steps", "lr", "min_lr_ratio", "lr_schedule", "warmup", "decay", "weight_decay",
+                             "l2_to_base",
                              "betas", "eps", "grad_clip", "batch_size", "micro_batch_size", "checkpoint_every",
                              "keep_checkpoints", "log_every", "compile", "threads", "fsdp")),
 )

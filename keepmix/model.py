@@ -114,6 +114,16 @@ def base_model(model) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def is_adapted(model) -> bool:
+    """Whether the model carries a PEFT adapter (LoRA)."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def adapter_disabled(model):
+    """A context in which a PEFT model computes as its base model (the adapter switched off)."""
+    return model.disable_adapter()
+
+
 def trunk_and_head(model) -> tuple[nn.Module, nn.Module]:
     """(module mapping ids → final hidden states, output projection)."""
     base = base_model(model)

@@ -3,7 +3,8 @@
 Contract:
   - Direction comes from the metric name: a name whose last path part is `loss` or `ppl` is
     lower-is-better; every other metric is higher-is-better. Counts (last part `n`) are skipped, and so
-    are metrics missing from either side.
+    are metrics missing from either side, and `kl_to_base` (drift from the base: 0 at the baseline by
+    definition, so no tolerance relative to it means anything; `drift_line` shows it beside the table).
   - Tolerance is absolute for higher-is-better metrics (0.02 = 2 points of accuracy) and relative for
     loss/ppl (0.02 = 2 % worse than the baseline).
   - `flagged` = the metric got worse by more than its tolerance. A metric that became non-finite
@@ -21,7 +22,7 @@ import math
 from rich.table import Table
 
 LOWER_IS_BETTER = {"loss", "ppl"}
-SKIPPED = {"n"}
+SKIPPED = {"n", "kl_to_base"}
 _EPS = 1e-9
 
 
@@ -134,3 +135,10 @@ def summary_line(retention: dict[str, dict], task_metrics: list[str]) -> str:
         change = f"{e['delta']:+.3f} = {rel:+.1f} %, {verdict} {_tolerance_text(e)}"
     parts.append(f"worst retention: {key} {e['baseline']:.3f} → {e['now']:.3f} ({change})")
     return " · ".join(parts)
+
+
+def drift_line(metrics: dict[str, float]) -> str | None:
+    """'KL to base (nats/token): general 0.012 · code 0.034' from an eval's metrics; None without them."""
+    parts = [f"{key.split('/')[1]} {value:.4f}" for key, value in sorted(metrics.items())
+             if key.startswith("valid/") and key.endswith("/kl_to_base")]
+    return "KL to base (nats/token): " + " · ".join(parts) if parts else None

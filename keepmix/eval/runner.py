@@ -3,7 +3,8 @@
 Contract: `evaluate(config, models)` loads each model ('base' = the config's model; a folder such as a
 run's final/ or a checkpoint export; a hub id; a PEFT adapter folder) and returns
 {model: {metric: value}} with exactly the metric keys a training run logs (`valid/<source>/...`,
-`task/<task>/...`). `print_comparison` prints them side by side with deltas against the first model.
+`task/<task>/...`; `valid/<source>/kl_to_base` against the config's model when eval.kl_to_base).
+`print_comparison` prints them side by side with deltas against the first model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from keepmix.data.build import prepare_sources
 from keepmix.errors import KeepmixError
 from keepmix.eval.lm import validation_metrics
 from keepmix.model import load_model, quiet_transformers
-from keepmix.training.forward import LossModel
+from keepmix.training.forward import FrozenBase, LossModel
 
 
 def _load(cfg: RunConfig, name: str):
@@ -50,15 +51,21 @@ def evaluate(config: RunConfig | str | Path, models: list[str], overrides: dict 
     from keepmix.eval.tasks import check_tasks, run_task
 
     check_tasks(list(cfg.eval.tasks), Path(cfg.base_dir))
+    base = None
+    if cfg.eval.kl_to_base:  # every model's drift is measured against the config's model
+        base = FrozenBase(_load(cfg, "base")[0].to(device), as_is=True)
     results = {}
     for name in models:
         model, tokenizer = _load(cfg, name)
         model.to(device).eval()
         sources = prepare_sources(cfg, tokenizer, log=lambda _: None)
-        metrics = validation_metrics(LossModel(model, cfg.train.loss_impl), [(s.name, s.valid) for s in sources],
+        # a model with another vocabulary has no next-token distribution comparable with the base's
+        comparable = base is not None and model.get_output_embeddings().weight.shape == base.head.weight.shape
+        metrics = validation_metrics(LossModel(model, cfg.train.loss_impl, base if comparable else None),
+                                     [(s.name, s.valid) for s in sources],
                                      seq_len=cfg.train.seq_len, batch_size=cfg.eval.batch_size,
                                      pad_id=tokenizer.pad_token_id, device=device,
-                                     max_tokens=cfg.eval.max_valid_tokens)
+                                     max_tokens=cfg.eval.max_valid_tokens, kl_to_base=comparable)
         for task in cfg.eval.tasks:
             for key, value in run_task(task, model, tokenizer, base_dir=Path(cfg.base_dir), device=device,
                                        batch_size=cfg.eval.batch_size).items():

@@ -4,29 +4,65 @@ Contract: `LossModel` wraps a causal LM so that a single module call returns (lo
 token_correct) for a micro-batch of packed rows; distributed wrappers (DDP/FSDP) wrap this module, so
 gradient synchronisation sees every parameter it uses. The LM head and cross-entropy go through the
 fused chunked path (no full-vocabulary logits) unless `loss_impl="full"`. `token_weights` carries the
-loss normalisation: the scalar loss is sum(token_weights * CE).
+loss normalisation: the scalar loss is sum(token_weights * CE). With a `FrozenBase` and `kl_mask`, the
+same pass also computes KL(p_base ‖ p_model) at the masked positions and adds sum(kl_weights * KL); the
+base forward runs only on the rows that hold a masked position, and the call returns a fourth output,
+the per-token KL.
+`FrozenBase` is the base model's distribution: a frozen copy of the starting weights, or — for a LoRA
+model — the model itself with its adapter disabled (no second copy in memory).
 `RowStats` turns the detached per-token outputs into per-source sums and per-segment losses — the
 training metrics and the exposure log — without another forward pass.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from keepmix.data.packing import Rows
-from keepmix.model import trunk_and_head
-from keepmix.training.losses import full_linear_cross_entropy, fused_linear_cross_entropy
+from keepmix.model import adapter_disabled, is_adapted, trunk_and_head
+from keepmix.training.losses import BaseLogits, full_linear_cross_entropy, fused_linear_cross_entropy
+
+
+class FrozenBase:
+    """Final hidden states and head of the model as it was before training (never trained, never saved)."""
+
+    def __init__(self, model: nn.Module, *, as_is: bool = False):
+        """`as_is`: `model` is itself the base (a separately loaded one), used frozen without a copy."""
+        self._model = model
+        # LoRA: the base is the same model with the adapter off; otherwise a frozen copy made now,
+        # before the first update (and, on resume, before the checkpoint's weights are loaded)
+        if as_is:
+            self.copy = model.requires_grad_(False).eval()
+        else:
+            self.copy = None if is_adapted(model) else copy.deepcopy(model).requires_grad_(False).eval()
+        self.trunk, self.head = trunk_and_head(self.copy if self.copy is not None else model)
+
+    def to(self, device) -> FrozenBase:
+        if self.copy is not None:
+            self.copy.to(device)
+        return self
+
+    @torch.no_grad()
+    def hidden(self, input_ids, position_ids) -> torch.Tensor:
+        if self.copy is not None:
+            return self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        with adapter_disabled(self._model):
+            return self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
 
 
 class LossModel(nn.Module):
-    def __init__(self, model: nn.Module, loss_impl: str = "fused"):
+    def __init__(self, model: nn.Module, loss_impl: str = "fused", base: FrozenBase | None = None):
         super().__init__()
         self.model = model
         self.loss_impl = loss_impl
         # a plain tuple, not submodules: they are already inside `model`, and registering them again
-        # would put every weight twice into a state dict (a sharded checkpoint saved them twice)
+        # would put every weight twice into a state dict (a sharded checkpoint saved them twice);
+        # the frozen base is no submodule either: nothing of it is trained, synchronised or saved
         self._parts = trunk_and_head(model)
+        self._base = (base,)
 
     @property
     def trunk(self) -> nn.Module:
@@ -36,29 +72,50 @@ class LossModel(nn.Module):
     def head(self) -> nn.Module:
         return self._parts[1]
 
-    def forward(self, input_ids, position_ids, labels, token_weights):
+    @property
+    def base(self) -> FrozenBase | None:
+        return self._base[0]
+
+    def forward(self, input_ids, position_ids, labels, token_weights, kl_weights=None, kl_mask=None):
         # use_cache=False matters: with a cache, transformers ignores the document boundaries that the
         # position_ids mark and lets packed documents attend to each other.
         hidden = self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         fn = fused_linear_cross_entropy if self.loss_impl == "fused" else full_linear_cross_entropy
         # about 64M float32 logits (256 MB) per chunk, whatever the vocabulary
         chunk = min(max(2**26 // self.head.weight.shape[0], 128), 8192)
-        return fn(hidden.reshape(-1, hidden.shape[-1]), self.head.weight, labels.reshape(-1),
-                  token_weights.reshape(-1), bias=self.head.bias, chunk_size=chunk)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        base = None
+        if kl_mask is not None:
+            if self.base is None:
+                raise ValueError("LossModel: a KL mask was given but the model has no FrozenBase")
+            base = self._base_logits(input_ids, position_ids, flat, kl_weights, kl_mask)
+        return fn(flat, self.head.weight, labels.reshape(-1), token_weights.reshape(-1), bias=self.head.bias,
+                  chunk_size=chunk, base=base)
+
+    def _base_logits(self, input_ids, position_ids, flat, kl_weights, kl_mask) -> BaseLogits:
+        """The base's hidden states, computed only for the rows that hold a KL position."""
+        b, t = input_ids.shape
+        rows = kl_mask.reshape(b, t).any(dim=1).nonzero().squeeze(1)
+        base_hidden = flat.new_zeros(b, t, self.base.head.weight.shape[1])
+        if rows.numel():
+            base_hidden[rows] = self.base.hidden(input_ids[rows], position_ids[rows]).to(base_hidden.dtype)
+        return BaseLogits(base_hidden.reshape(b * t, -1), self.base.head.weight, self.base.head.bias,
+                          kl_weights.reshape(-1).detach(), kl_mask.reshape(-1))
 
 
 class RowStats:
     """Per-source and per-segment sums of one step's detached per-token results."""
 
+    FIELDS = ("loss", "correct", "tokens", "rows", "kl", "kl_tokens")
+
     def __init__(self, n_sources: int):
-        self.loss = torch.zeros(n_sources, dtype=torch.float64)
-        self.correct = torch.zeros(n_sources, dtype=torch.float64)
-        self.tokens = torch.zeros(n_sources, dtype=torch.float64)
-        self.rows = torch.zeros(n_sources, dtype=torch.float64)
+        for name in self.FIELDS:
+            setattr(self, name, torch.zeros(n_sources, dtype=torch.float64))
         self.segment_loss: list[torch.Tensor] = []
         self.segment_tokens: list[torch.Tensor] = []
 
-    def add(self, rows: Rows, token_loss: torch.Tensor, token_correct: torch.Tensor) -> None:
+    def add(self, rows: Rows, token_loss: torch.Tensor, token_correct: torch.Tensor,
+            token_kl: torch.Tensor | None = None, kl_mask: torch.Tensor | None = None) -> None:
         valid = (rows.labels.reshape(-1) != -100).to(torch.float64)
         tl = token_loss.detach().reshape(-1).to(torch.float64).cpu() * valid
         tc = token_correct.detach().reshape(-1).to(torch.float64).cpu() * valid
@@ -67,6 +124,10 @@ class RowStats:
         self.correct.index_add_(0, row_source, tc)
         self.tokens.index_add_(0, row_source, valid)
         self.rows.index_add_(0, rows.sources, torch.ones(len(rows.sources), dtype=torch.float64))
+        if token_kl is not None:
+            at = kl_mask.reshape(-1).to(torch.float64).cpu() * valid
+            self.kl.index_add_(0, row_source, token_kl.detach().reshape(-1).to(torch.float64).cpu() * at)
+            self.kl_tokens.index_add_(0, row_source, at)
         seg = rows.segment_ids.reshape(-1)
         keep = seg >= 0
         n_seg = len(rows.segments)
@@ -75,15 +136,17 @@ class RowStats:
 
     def vector(self) -> torch.Tensor:
         """Everything that is summed across processes, in one tensor."""
-        return torch.cat([self.loss, self.correct, self.tokens, self.rows])
+        return torch.cat([getattr(self, name) for name in self.FIELDS])
 
-    @staticmethod
-    def split(vector: torch.Tensor, n_sources: int) -> dict[str, torch.Tensor]:
-        parts = vector.reshape(4, n_sources)
-        return {"loss": parts[0], "correct": parts[1], "tokens": parts[2], "rows": parts[3]}
+    @classmethod
+    def split(cls, vector: torch.Tensor, n_sources: int) -> dict[str, torch.Tensor]:
+        return dict(zip(cls.FIELDS, vector.reshape(len(cls.FIELDS), n_sources)))
 
 
-def run_rows(loss_model: nn.Module, rows: Rows, token_weights: torch.Tensor, device) -> tuple:
-    return loss_model(
-        rows.input_ids.to(device), rows.position_ids.to(device), rows.labels.to(device), token_weights.to(device)
-    )
+def run_rows(loss_model: nn.Module, rows: Rows, token_weights: torch.Tensor, device,
+             kl_weights: torch.Tensor | None = None, kl_mask: torch.Tensor | None = None) -> tuple:
+    """(loss, token_loss, token_correct, token_kl or None) of one micro-batch."""
+    args = [rows.input_ids.to(device), rows.position_ids.to(device), rows.labels.to(device), token_weights.to(device)]
+    if kl_mask is None:
+        return (*loss_model(*args), None)
+    return loss_model(*args, kl_weights.to(device), kl_mask.to(device))

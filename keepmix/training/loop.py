@@ -24,6 +24,7 @@ from keepmix.diagnostics.exposures import ExposureWriter
 from keepmix.diagnostics.memorization import diagnose
 from keepmix.errors import KeepmixError, NonFiniteLossError
 from keepmix.eval.lm import validation_metrics
+from keepmix.training.anchor import WeightAnchor
 from keepmix.training.forward import LossModel, RowStats, run_rows
 from keepmix.training.session import Session, open_session
 
@@ -64,8 +65,13 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
     names = [src.name for src in sources]
     train_docs = [src.train for src in sources]
     sampler = build_sampler(cfg, sources)
-    loss_model = s.wrap(LossModel(s.model, t.loss_impl))  # DDP or FSDP, compiled on request
+    base = s.frozen_base()  # the starting model's distribution, for KL terms and the kl_to_base metric
+    loss_model = s.wrap(LossModel(s.model, t.loss_impl, base))  # DDP or FSDP, compiled on request
     params = [p for p in loss_model.parameters() if p.requires_grad]
+    betas = torch.tensor([src.kl_to_base for src in cfg.sources])  # KL(base ‖ model) weight per source
+    kl_on = bool((betas > 0).any())
+    anchor = (WeightAnchor(s.model, t.l2_to_base, reference=base.copy if base is not None else None)
+              if t.l2_to_base > 0 else None)  # made before a resume loads the checkpoint: theta_0 is the start
     # fused=True: one kernel for all parameters (CPU and CUDA) instead of a per-parameter loop; the
     # benchmark measured +8.5 % tokens/s on CPU with losses within 4e-8 of the unfused update.
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
@@ -83,7 +89,8 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
     def evaluate() -> None:
         metrics = validation_metrics(loss_model, valid, seq_len=t.seq_len, batch_size=cfg.eval.batch_size,
                                      pad_id=pad_id, device=acc.device, max_tokens=cfg.eval.max_valid_tokens,
-                                     rank=rank, world_size=world, reduce=acc.reduce, lockstep=s.fsdp)
+                                     rank=rank, world_size=world, reduce=acc.reduce, lockstep=s.fsdp,
+                                     kl_to_base=base is not None and cfg.eval.kl_to_base)
         metrics.update(s.run_tasks())
         s.log_eval(metrics)
 
@@ -110,16 +117,23 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
             rows = build_rows(local[i : i + micro], train_docs, t.seq_len, pad_id)
             # each target weighs 1/targets of the whole global batch; DDP averages over processes
             weights = (rows.labels.reshape(-1) != -100).float() * (world / max(n_targets, 1))
+            kl_mask = kl_weights = None
+            if kl_on:  # beta * KL(base ‖ model) at the targets of rows whose source has kl_to_base > 0
+                beta = betas[rows.sources].repeat_interleave(t.seq_len)
+                kl_mask = (beta > 0) & (rows.labels.reshape(-1) != -100)
+                kl_weights = weights * beta
             last = i + micro >= len(local)
             with s.no_sync(loss_model, sync=last), acc.autocast():
-                loss, token_loss, token_correct = run_rows(loss_model, rows, weights, acc.device)
+                loss, token_loss, token_correct, token_kl = run_rows(loss_model, rows, weights, acc.device,
+                                                                     kl_weights, kl_mask)
                 acc.backward(loss)
             step_loss += loss.detach()
-            stats.add(rows, token_loss, token_correct)
+            stats.add(rows, token_loss, token_correct, token_kl, kl_mask)
             # (global row, source, segment): local row i+r of this process is global row rank + (i+r)*world
             segments += [(rank + (i + r) * world, src, seg) for r, src, seg in rows.segments]
             state.micro_step += 1
-        # ---- non-finite guard, clip, update -------------------------------------------------------
+        # ---- anchor to the base weights, non-finite guard, clip, update -----------------------------
+        l2 = anchor.add_to_gradients() if anchor is not None else None
         grad_norm = s.clip_gradients(params)
         bad = ~torch.isfinite(acc.reduce(step_loss)) | ~torch.isfinite(grad_norm)
         if bool(bad):
@@ -138,7 +152,7 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
         # ---- metrics and the exposure log --------------------------------------------------------
         totals = RowStats.split(acc.reduce(stats.vector().to(acc.device)).cpu(), len(sources))
         s.log_train(totals, names, planned, lr, float(grad_norm), real_tokens,
-                    time.perf_counter() - step_start, sampler)
+                    time.perf_counter() - step_start, sampler, betas=betas if kl_on else None, l2=l2)
         s.add_exposures(exposures, segments, stats, names, lr)
         # ---- evals and checkpoints ---------------------------------------------------------------
         final = state.step == t.steps

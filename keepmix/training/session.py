@@ -113,6 +113,18 @@ class Session:
                              target_modules=m.lora.target_modules)
         return model, tokenizer
 
+    def frozen_base(self):
+        """The starting model's distribution when a KL term or the kl_to_base metric needs it, else None.
+        Made before any update and before a resume's checkpoint is loaded, so it is always the base."""
+        from keepmix.training.forward import FrozenBase
+
+        training = any(src.kl_to_base > 0 for src in self.cfg.sources)
+        if not training and not self.cfg.eval.kl_to_base:
+            return None
+        # under FSDP (evals only: a KL term in the loss is refused by the config) a full-model base is one
+        # whole, unsharded copy per process; a LoRA base is the sharded model itself, its adapter off
+        return FrozenBase(self.model).to(self.accelerator.device)
+
     # ---- distribution ---------------------------------------------------------------------------
     def wrap(self, loss_model):
         """The LossModel ready to train: DDP through accelerate, or sharded (FSDP); compiled on request.
@@ -262,7 +274,8 @@ class Session:
         })
 
     def log_train(self, totals: dict, names: list[str], planned: np.ndarray, lr: float, grad_norm: float,
-                  tokens: int, seconds: float, sampler) -> None:
+                  tokens: int, seconds: float, sampler, betas: torch.Tensor | None = None,
+                  l2: float | None = None) -> None:
         st = self.state
         n_tokens = float(totals["tokens"].sum())
         rows = totals["rows"]
@@ -285,6 +298,13 @@ class Session:
             "realized_cum": {name: float(cum[i]) for i, name in enumerate(names)},
             "epoch": {name: round(sampler.streams[i].passes_done, 4) for i, name in enumerate(names)},
         }
+        if betas is not None or l2 is not None:
+            # the objective's terms, in the loss's unit (per target token), so that they add up
+            kl_term = float((betas.double() * totals["kl"]).sum()) / max(n_tokens, 1.0) if betas is not None else 0.0
+            record.update(kl_term=kl_term, l2_term=l2 or 0.0, objective=record["loss"] + kl_term + (l2 or 0.0))
+            for i, name in enumerate(names):
+                if name in record["sources"] and totals["kl_tokens"][i] > 0:
+                    record["sources"][name]["kl"] = float(totals["kl"][i] / totals["kl_tokens"][i])
         self.log(record)
         if self.main and (st.step % self.cfg.train.log_every == 0 or st.step == self.cfg.train.steps):
             self.progress.train(record)
@@ -348,7 +368,7 @@ class Session:
 
         def comparable(data: dict) -> dict:
             # sources by position, so a difference names its key (sources.0.path); floors only steer training
-            return {**data, "sources": {str(i): {k: v for k, v in src.items() if k != "floor"}
+            return {**data, "sources": {str(i): {k: v for k, v in src.items() if k not in ("floor", "kl_to_base")}
                                         for i, src in enumerate(data["sources"])}}
 
         try:

@@ -117,7 +117,7 @@ def test_fsdp_equals_one_process_and_resumes_exactly(make_run):
     assert lb == pytest.approx(la, rel=1e-4, abs=1e-5)
     assert lc == lb  # the sharded checkpoint restores every bit
     for x, y in zip(train_records(a, "eval"), train_records(b, "eval")):
-        assert y["metrics"] == pytest.approx(x["metrics"], rel=1e-4)
+        assert y["metrics"] == pytest.approx(x["metrics"], rel=1e-4, abs=1e-7)
     # each process wrote its own shard; no whole-model copy in the checkpoint
     ckpt = b / "checkpoints" / "step-00000010"
     assert len(list((ckpt / "sharded").glob("*.distcp"))) == 2
@@ -150,8 +150,9 @@ def test_fsdp_with_lora_tied_embeddings_checkpointing_and_tasks(make_run):
     launch(two, 2)
     a, b = one.parent / "out", two.parent / "out"
     for x, y in zip(train_records(a, "eval"), train_records(b, "eval"), strict=True):
-        assert {"task/mc/acc", "task/sql/acc"} <= set(y["metrics"])
-        assert y["metrics"] == pytest.approx(x["metrics"], rel=1e-4)
+        assert {"task/mc/acc", "task/sql/acc", "valid/qa/kl_to_base"} <= set(y["metrics"])
+        # kl_to_base is a small difference of log-probabilities (about 1e-6 here): float noise is absolute
+        assert y["metrics"] == pytest.approx(x["metrics"], rel=1e-4, abs=1e-7)
     assert [r["loss"] for r in train_records(b)] == pytest.approx([r["loss"] for r in train_records(a)], rel=1e-4)
     assert (b / "checkpoints" / "step-00000004" / "sharded").is_dir()
     merged = AutoModelForCausalLM.from_pretrained(b / "final")  # the adapter merged into a whole model
