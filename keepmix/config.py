@@ -70,11 +70,29 @@ class ModelConfig(_Strict):
         return self
 
 
+class GenerateConfig(_Strict):
+    n_docs: int = Field(gt=0, description="Documents the base model writes for this source.")
+    max_new_tokens: int = Field(256, gt=0, description="Tokens sampled per document (after its prompt).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1.0: the model's own distribution).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1.0: off).")
+    prompts: str | None = Field(
+        None, description="Another source's name (its documents' first prompt_tokens tokens), a prompts file "
+        "(JSONL with 'prompt' or 'text', or one prompt per line), or null: unconditional, from BOS."
+    )
+    prompt_tokens: int = Field(16, gt=0, description="Tokens of each document used as a prompt (prompts: a source).")
+    batch_size: int = Field(16, gt=0, description="Documents sampled per generate call.")
+    seed: int | None = Field(None, description="Sampling seed (default: train.seed).")
+
+
 class SourceConfig(_Strict):
     name: str = Field(description="Short name of this kind of data (used in metrics and the schedule).")
-    path: str = Field(
-        description="JSONL / Parquet / text file or folder, a dataset saved with save_to_disk, "
-        "or a Hugging Face hub dataset id."
+    path: str | None = Field(
+        None, description="JSONL / Parquet / text file or folder, a dataset saved with save_to_disk, "
+        "or a Hugging Face hub dataset id (required unless `generate`)."
+    )
+    generate: GenerateConfig | None = Field(
+        None, description="Self-rehearsal: the base model writes this source's documents before training "
+        "(replay without the original data); cached like tokenized data."
     )
     format: Literal["text", "chat", "prompt_completion"] = Field("text", description="Record layout.")
     text_field: str = Field("text", description="Field holding the text (format: text).")
@@ -325,6 +343,11 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
     if t.warmup >= 1 and t.warmup > t.steps:
         problems.append(f"train.warmup: {int(t.warmup)} warmup steps exceed train.steps ({t.steps})")
     for i, s in enumerate(cfg.sources):
+        if (s.path is None) == (s.generate is None):
+            problems.append(f"sources[{i}]: give either path (data to read) or generate (self-rehearsal), "
+                            f"{'not both' if s.path else 'one of them'}")
+        if s.generate is not None:
+            problems += _generate_problems(cfg, i)
         for field, value in (("path", s.path), ("valid_path", s.valid_path)):
             resolved = cfg.resolve(value)
             if resolved and Path(resolved).is_absolute() and not Path(resolved).exists():
@@ -364,6 +387,29 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
     task_names = [task.name for task in cfg.eval.tasks]
     for name in {n for n in task_names if task_names.count(n) > 1}:
         problems.append(f"eval.tasks: duplicate task name {name!r}")
+    return problems
+
+
+def _generate_problems(cfg: RunConfig, i: int) -> list[str]:
+    s, key = cfg.sources[i], f"sources[{i}].generate"
+    problems = []
+    if s.format != "text" or s.loss_on != "all":
+        problems.append(f"sources[{i}].format: a generated source holds plain text: format text, loss_on all")
+    if s.streaming or s.valid_path or s.quality_field:
+        problems.append(f"{key}: not with streaming, valid_path or quality_field")
+    prompts = s.generate.prompts
+    if prompts is not None and prompts not in cfg.source_names:
+        resolved = Path(cfg.resolve_local(prompts))
+        if not resolved.is_file():
+            problems.append(f"{key}.prompts: {prompts!r} is neither a source name ({', '.join(cfg.source_names)}) "
+                            f"nor a file ({resolved} not found)")
+    elif prompts is not None:
+        other = cfg.sources[cfg.source_names.index(prompts)]
+        if other.generate is not None:
+            problems.append(f"{key}.prompts: source {prompts!r} is generated itself; prompt from a source with data")
+    if isinstance(s.valid_docs, int) and s.valid_docs >= s.generate.n_docs:
+        problems.append(f"sources[{i}].valid_docs: {s.valid_docs} held out of {s.generate.n_docs} generated "
+                        f"documents leaves none for training")
     return problems
 
 
@@ -455,6 +501,8 @@ def config_to_dict(cfg: RunConfig) -> dict:
     data = cfg.model_dump(mode="json")
     for i, s in enumerate(cfg.sources):
         data["sources"][i]["path"] = cfg.resolve(s.path)
+        if s.generate is not None and s.generate.prompts and s.generate.prompts not in cfg.source_names:
+            data["sources"][i]["generate"]["prompts"] = cfg.resolve_local(s.generate.prompts)
         data["sources"][i]["valid_path"] = cfg.resolve(s.valid_path)
     for field in ("name", "tokenizer", "gguf_file"):
         data["model"][field] = cfg.resolve(getattr(cfg.model, field)) if field != "gguf_file" else cfg.model.gguf_file

@@ -191,6 +191,29 @@ CONFIG_CASES = [
         r"sources: .*at least 1 item"),
     Bad("config-lora-rank-zero", lambda c: train(c, c.config(model={"lora": {"r": 0}})),
         r"model\.lora\.r: .*greater than 0"),
+    Bad("config-negative-kl-to-base", lambda c: train(c, c.config_with(lambda d: d["sources"][0].update(kl_to_base=-1))),
+        r"sources\[0\]\.kl_to_base: .*greater than or equal to 0"),
+    Bad("config-kl-to-base-with-fsdp", lambda c: train(c, c.config_with(
+        lambda d: (d["sources"][0].update(kl_to_base=1.0), d["train"].update(fsdp=True)))),
+        r"sources\[0\]\.kl_to_base: not supported with train\.fsdp"),
+    Bad("config-l2-with-fsdp", lambda c: train(c, c.config(train={"l2_to_base": 0.1, "fsdp": True})),
+        r"train\.l2_to_base: not supported with train\.fsdp"),
+    Bad("config-source-without-path-or-generate", lambda c: train(c, c.config_with(lambda d: d["sources"][0].pop("path"))),
+        r"sources\[0\]: give either path \(data to read\) or generate \(self-rehearsal\), one of them"),
+    Bad("config-source-with-path-and-generate", lambda c: train(c, c.config_with(
+        lambda d: d["sources"][0].update(generate={"n_docs": 8}))), r"sources\[0\]: give either path .*not both"),
+    Bad("config-generate-unknown-prompts", lambda c: train(c, c.config_with(lambda d: (
+        d["sources"][0].pop("path"), d["sources"][0].update(generate={"n_docs": 20, "prompts": "codee"})))),
+        r"sources\[0\]\.generate\.prompts: 'codee' is neither a source name \(general, qa\) nor a file"),
+    Bad("config-generate-holds-out-everything", lambda c: train(c, c.config_with(lambda d: (
+        d["sources"][0].pop("path"), d["sources"][0].update(generate={"n_docs": 10}, valid_docs=10)))),
+        r"sources\[0\]\.valid_docs: 10 held out of 10 generated documents"),
+    Bad("config-generate-completion-loss", lambda c: train(c, c.config_with(lambda d: (
+        d["sources"][1].pop("path"), d["sources"][1].update(generate={"n_docs": 20})))),
+        r"sources\[1\]\.format: a generated source holds plain text"),
+    Bad("config-generate-bad-top-p", lambda c: train(c, c.config_with(lambda d: (
+        d["sources"][0].pop("path"), d["sources"][0].update(generate={"n_docs": 20, "top_p": 1.5})))),
+        r"sources\[0\]\.generate\.top_p: .*less than or equal to 1"),
     Bad("config-scratch-without-architecture", lambda c: train(c, c.config_with(
         lambda d: d["model"].pop("architecture"))), r"model: init: scratch needs architecture with a model_type"),
 ]

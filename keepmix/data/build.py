@@ -31,24 +31,33 @@ class PreparedSource:
     cache_hit: bool
 
 
-def prepare_sources(cfg: RunConfig, tokenizer, log=print) -> list[PreparedSource]:
+def cache_root(cfg: RunConfig) -> Path:
+    return Path(cfg.resolve_local(cfg.cache_dir)) if cfg.cache_dir else default_cache_dir()
+
+
+def prepare_sources(cfg: RunConfig, tokenizer, log=print, generated: dict[str, str] | None = None
+                    ) -> list[PreparedSource]:
     """Every source ready to train on; the data problems of all sources are reported together, each
-    prefixed with its config key (`sources[1] (code): ...`)."""
-    cache_dir = Path(cfg.resolve_local(cfg.cache_dir)) if cfg.cache_dir else default_cache_dir()
+    prefixed with its config key (`sources[1] (code): ...`). `generated` gives the files of the
+    self-rehearsal sources (`keepmix.data.rehearsal.generate_sources`)."""
+    cache_dir = cache_root(cfg)
     out, problems = [], []
     for i, s in enumerate(cfg.sources):
         try:
+            if s.generate is not None and s.name not in (generated or {}):
+                raise KeepmixError("a generated source needs its documents written first (generate_sources)")
+            path = (generated or {}).get(s.name) or cfg.resolve(s.path)
             out.append(_prepare_streaming(cfg, s, tokenizer, cache_dir, log) if s.streaming
-                       else _prepare(cfg, s, tokenizer, cache_dir, log))
+                       else _prepare(cfg, s, path, tokenizer, cache_dir, log))
         except KeepmixError as err:
             problems.append(f"sources[{i}] ({s.name}): {err}")
     raise_all(problems, "the data")
     return out
 
 
-def _prepare(cfg: RunConfig, s, tokenizer, cache_dir: Path, log) -> PreparedSource:
+def _prepare(cfg: RunConfig, s, path: str, tokenizer, cache_dir: Path, log) -> PreparedSource:
     docs = load_source(
-        s.name, cfg.resolve(s.path), format=s.format,
+        s.name, path, format=s.format,
         fields={"text": s.text_field, "messages": s.messages_field, "prompt": s.prompt_field,
                 "completion": s.completion_field},
         quality_field=s.quality_field, hf_config=s.hf_config, hf_split=s.hf_split,
@@ -58,9 +67,10 @@ def _prepare(cfg: RunConfig, s, tokenizer, cache_dir: Path, log) -> PreparedSour
     if docs.skipped:
         log(f"source {s.name}: {describe_skipped(docs.skipped)}")
     train, hit_t = cached_tokenize(docs.train, tokenizer, fmt=s.format, loss_on=s.loss_on,
-                                   key=docs.fingerprint + "/train", cache_dir=cache_dir, where=cfg.resolve(s.path))
+                                   key=docs.fingerprint + "/train", cache_dir=cache_dir, where=path)
     valid, hit_v = cached_tokenize(docs.valid, tokenizer, fmt=s.format, loss_on=s.loss_on,
-                                   key=docs.fingerprint + "/valid", cache_dir=cache_dir, where=cfg.resolve(s.valid_path or s.path))
+                                   key=docs.fingerprint + "/valid", cache_dir=cache_dir,
+                                   where=cfg.resolve(s.valid_path) or path)
     log(f"source {s.name}: {len(train)} train / {len(valid)} held-out documents, "
         f"{int(train.lengths.sum())} tokens ({'token cache hit' if hit_t and hit_v else 'tokenized and cached'})")
     return PreparedSource(s.name, train, valid, docs.train_quality, docs.skipped, hit_t and hit_v)

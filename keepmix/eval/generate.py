@@ -9,6 +9,9 @@ Generation of a row ends at EOS, once its decoded continuation contains a stop s
 max_new_tokens. (transformers' own `stop_strings` refuses a stop string made of characters missing
 from the vocabulary, e.g. "\n" for some tokenizers; decoding the continuation works for any tokenizer.)
 
+`sample_texts` samples continuations (temperature, top-p) of token prompts, seeded per batch, and returns
+each prompt with its continuation as text: the generator of self-rehearsal sources.
+
 Exact match, after this normalization of both prediction and answer: if `regex` is given, the
 prediction is replaced by the regex's first match in it (its first group when it has groups; no match
 means the prediction is wrong); then both are stripped, runs of whitespace become one space, and with
@@ -74,18 +77,14 @@ def generate_batch(
     for prompt in prompts:
         ids = tokenizer.encode(prompt, add_special_tokens=False) or [prefix_token_id(tokenizer)]
         encoded.append(ids[-budget:])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in rows)
-            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                input_ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i], dtype=torch.long)
-                attention_mask[r, width - len(encoded[i]) :] = 1
+            input_ids, attention_mask = _left_padded([encoded[i] for i in rows], pad)
+            width = input_ids.shape[1]
             generated = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
@@ -99,6 +98,62 @@ def generate_batch(
                 text = tokenizer.decode(generated[r, width:], skip_special_tokens=True)
                 outputs[i] = cut_at_stop(text, stop)
     return outputs
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token rows, padded on the left to the longest."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, ids in enumerate(rows):
+        input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[r, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
+def sample_texts(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    device: torch.device | str,
+    seed: int,
+    on_batch=None,
+) -> list[str]:
+    """Prompt + sampled continuation, decoded, for each token prompt in order. Batch b draws from a
+    generator seeded with (seed, b) inside a forked RNG, so the texts depend only on the inputs and the
+    seed, and the caller's random state is left as it was. `on_batch(done)` is told the progress."""
+    pad = _pad_id(tokenizer)
+    out: list[str] = []
+    was_training = model.training
+    model.eval()
+    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    with torch.inference_mode(), torch.random.fork_rng(devices=devices):
+        for b, start in enumerate(range(0, len(prompts), batch_size)):
+            rows = prompts[start : start + batch_size]
+            input_ids, attention_mask = _left_padded(rows, pad)
+            torch.manual_seed(seed * 1_000_003 + b)
+            generated = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                num_beams=1, pad_token_id=pad,
+            )
+            width = input_ids.shape[1]
+            for r, ids in enumerate(rows):
+                out.append(tokenizer.decode(ids + generated[r, width:].tolist(), skip_special_tokens=True))
+            if on_batch is not None:
+                on_batch(len(out))
+    if was_training:
+        model.train()
+    return out
 
 
 def normalize(text: str, *, lowercase: bool = False) -> str:

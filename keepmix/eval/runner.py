@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from keepmix.config import RunConfig, load_config
-from keepmix.data.build import prepare_sources
+from keepmix.data.build import cache_root, prepare_sources
+from keepmix.data.rehearsal import generate_sources
 from keepmix.errors import KeepmixError
 from keepmix.eval.lm import validation_metrics
 from keepmix.model import load_model, quiet_transformers
@@ -51,14 +52,20 @@ def evaluate(config: RunConfig | str | Path, models: list[str], overrides: dict 
     from keepmix.eval.tasks import check_tasks, run_task
 
     check_tasks(list(cfg.eval.tasks), Path(cfg.base_dir))
-    base = None
-    if cfg.eval.kl_to_base:  # every model's drift is measured against the config's model
-        base = FrozenBase(_load(cfg, "base")[0].to(device), as_is=True)
+    base, generated = None, {}
+    if cfg.eval.kl_to_base or any(s.generate for s in cfg.sources):
+        base_model, base_tokenizer = _load(cfg, "base")
+        base_model.to(device)
+        # self-rehearsal documents are the base model's (from the cache when a run already wrote them)
+        generated = generate_sources(cfg, base_model, base_tokenizer, cache_dir=cache_root(cfg), device=device,
+                                     log=lambda _: None)
+        if cfg.eval.kl_to_base:  # every model's drift is measured against the config's model
+            base = FrozenBase(base_model, as_is=True)
     results = {}
     for name in models:
         model, tokenizer = _load(cfg, name)
         model.to(device).eval()
-        sources = prepare_sources(cfg, tokenizer, log=lambda _: None)
+        sources = prepare_sources(cfg, tokenizer, log=lambda _: None, generated=generated)
         # a model with another vocabulary has no next-token distribution comparable with the base's
         comparable = base is not None and model.get_output_embeddings().weight.shape == base.head.weight.shape
         metrics = validation_metrics(LossModel(model, cfg.train.loss_impl, base if comparable else None),

@@ -61,7 +61,7 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
     if stop_at is not None and s.resumed_from is not None and stop_at <= s.resumed_from:
         raise KeepmixError(f"--stop-at {stop_at}: the run resumes at step {s.resumed_from}; expected a step "
                            f"after it (up to train.steps = {t.steps}); nothing was changed")
-    sources = prepare_sources(cfg, s.tokenizer, log=s.progress.message)
+    sources = prepare_sources(cfg, s.tokenizer, log=s.progress.message, generated=s.generated_sources())
     names = [src.name for src in sources]
     train_docs = [src.train for src in sources]
     sampler = build_sampler(cfg, sources)

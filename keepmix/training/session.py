@@ -113,6 +113,21 @@ class Session:
                              target_modules=m.lora.target_modules)
         return model, tokenizer
 
+    def generated_sources(self) -> dict[str, str]:
+        """The files of the self-rehearsal sources, written by the base model (the main process) before
+        the first update; read back from the cache when the same model and settings wrote them before."""
+        if not any(src.generate for src in self.cfg.sources):
+            return {}
+        from keepmix.data.build import cache_root
+        from keepmix.data.rehearsal import generate_sources
+
+        device = self.accelerator.device
+        self.model.to(device)
+        paths = generate_sources(self.cfg, self.model, self.tokenizer, cache_dir=cache_root(self.cfg),
+                                 device=device, log=self.progress.message, write=self.main)
+        self.accelerator.wait_for_everyone()
+        return paths
+
     def frozen_base(self):
         """The starting model's distribution when a KL term or the kl_to_base metric needs it, else None.
         Made before any update and before a resume's checkpoint is loaded, so it is always the base."""
