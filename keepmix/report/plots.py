@@ -34,6 +34,8 @@ CAPTIONS = {
     "its tolerance's unit (points for scores, % of the baseline for losses); red = worse by more than "
     "the tolerance (forgotten).",
     "tasks": "Task metrics at each eval.",
+    "kl_to_base": "Drift from the base model: KL(p_base ‖ p_model) per held-out token of each source, at each "
+    "eval (0 at the baseline); it moves before accuracy does.",
     "loss_by_view": "Memorization: mean training loss on a document by how many times it had been seen "
     "(view 1 = first time), with its confidence interval.",
 }
@@ -90,6 +92,7 @@ def build_figures(runs: list[PlotRun]) -> dict[str, Figure]:
         "lr": lambda: _lr(runs),
         "retention": lambda: _retention(runs),
         "tasks": lambda: _tasks(runs),
+        "kl_to_base": lambda: _kl_to_base(runs, sources),
         "loss_by_view": lambda: _loss_by_view(runs, sources),
     }
     figures = {}
@@ -313,6 +316,25 @@ def _tasks(runs: list[PlotRun]) -> Figure | None:
                         ls=RUN_STYLES[i % len(RUN_STYLES)], label=label, gid=f"task:{run.label}:{key}")
     ax.set_xlabel("step")
     ax.set_ylabel("score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return fig
+
+
+def _kl_to_base(runs: list[PlotRun], sources: list[str]) -> Figure | None:
+    if not any(m.eval_series(r.records, f"valid/{src}/kl_to_base").steps for r in runs for src in sources):
+        return None
+    fig = Figure(figsize=(7.5, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for i, run in enumerate(runs):
+        for source in sources:
+            s = m.eval_series(run.records, f"valid/{source}/kl_to_base")
+            if s.steps:
+                label = source + (f" ({run.label})" if len(runs) > 1 else "")
+                ax.plot(s.steps, s.values, marker="o", ms=4, color=_color(runs, i, sources, source),
+                        ls=RUN_STYLES[i % len(RUN_STYLES)], label=label, gid=f"kl:{run.label}:{source}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("KL to base (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig

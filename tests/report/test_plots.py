@@ -151,3 +151,15 @@ def test_live_loss_figure_draws_smoothed_train_and_valid_points():
     fig = live_loss_figure({"sql": ([1, 2, 3], [3.0, 2.0, 1.0])}, {"sql": ([0, 3], [3.5, 1.5])}, ["general", "sql"])
     assert line_xy(fig, "train:live:sql") == ([1, 2, 3], [3.0, 2.0, 1.0])  # span 1: no smoothing yet
     assert line_xy(fig, "valid:live:sql") == ([0, 3], [3.5, 1.5])
+
+
+def test_kl_to_base_is_drawn_per_source_when_evals_hold_it():
+    run = load("replay")
+    records = [dict(r) for r in run.records]
+    for r in records:
+        if r.get("kind") == "eval":
+            r["metrics"] = {**r["metrics"], "valid/code/kl_to_base": 0.01 * r["step"]}
+    figs = build_figures([PlotRun("replay", records, run.diagnostics)])
+    want = m.eval_series(m.timeline(records), "valid/code/kl_to_base")
+    assert want.steps and line_xy(figs["kl_to_base"], "kl:replay:code") == (want.steps, want.values)
+    assert "kl_to_base" not in build_figures([run])  # a run without the metric has no such plot
