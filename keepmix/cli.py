@@ -118,6 +118,13 @@ def cmd_experiment(args) -> None:
     run_memorization_experiment(out=Path(args.out), quick=args.quick, progress=_progress(args))
 
 
+def cmd_anchors(args) -> None:
+    from keepmix.experiments.anchors import run_anchors_experiment
+
+    run_anchors_experiment(out=Path(args.out), quick=args.quick, beta=args.beta, progress=_progress(args),
+                           model=args.model)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from keepmix import __version__
 
@@ -166,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--quick", action="store_true")
     mem.add_argument("--quiet", action="store_true")
     mem.set_defaults(func=cmd_experiment)
+    anc = xs.add_parser("anchors", help="what KL to the base and self-rehearsal buy against forgetting (demo setup)")
+    anc.add_argument("--out", default="experiment_runs/anchors")
+    anc.add_argument("--quick", action="store_true")
+    anc.add_argument("--beta", type=float, default=1.0, help="kl_to_base of prose and code in the KL arm")
+    anc.add_argument("--model", default=None, help="causal LM id or folder (default: SmolLM2-135M-Instruct GGUF)")
+    anc.add_argument("--quiet", action="store_true")
+    anc.set_defaults(func=cmd_anchors)
     return p
 
 
