@@ -18,14 +18,16 @@ import subprocess
 import sys
 import time
 
-IMPLS = ("full", "fused")
+# fused+kl: the same fused head with KL(base ‖ model) at every target (the cost of sources[].kl_to_base on
+# rows that have it; the base's hidden states are an input here, its trunk forward is not timed)
+IMPLS = ("full", "fused", "fused+kl")
 
 
 def run_variant(impl: str, n: int, hidden_size: int, vocab: int, chunk_size: int, repeats: int) -> dict:
     """One variant, in this process: returns timings and the peak memory added over the inputs."""
     import torch
 
-    from keepmix.training.losses import LOSS_IMPLS
+    from keepmix.training.losses import LOSS_IMPLS, BaseLogits
 
     torch.manual_seed(0)
     # In-place scaling: no V x H temporary inflates the peak before the measurement starts.
@@ -34,14 +36,19 @@ def run_variant(impl: str, n: int, hidden_size: int, vocab: int, chunk_size: int
     labels = torch.randint(0, vocab, (n,))
     labels[::10] = -100  # some masked positions, as with completion-only loss or padding
     token_weights = (labels != -100).float() / (labels != -100).sum()
+    base = None
+    if impl == "fused+kl":
+        base_hidden = torch.randn(n, hidden_size)
+        base = BaseLogits(base_hidden, weight.detach().clone(), None, token_weights.clone(), labels != -100)
     baseline_mb = _current_rss_mb()
-    loss_fn = LOSS_IMPLS[impl]
+    loss_fn = LOSS_IMPLS[impl.split("+")[0]]
+    extra = {"base": base} if base is not None else {}
 
     fwd_times, bwd_times, cpu_times = [], [], []
     for _ in range(repeats):
         hidden.grad = weight.grad = None
         c0, t0 = time.process_time(), time.perf_counter()
-        loss, _, token_correct = loss_fn(hidden, weight, labels, token_weights, chunk_size=chunk_size)
+        loss, _, token_correct, *_ = loss_fn(hidden, weight, labels, token_weights, chunk_size=chunk_size, **extra)
         t1 = time.perf_counter()
         loss.backward()
         t2, c2 = time.perf_counter(), time.process_time()
@@ -81,7 +88,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    header = f"{'N':>6} {'H':>5} {'V':>6} {'impl':>6} {'fwd s':>7} {'bwd s':>7} {'total s':>8} {'time x':>7}"
+    header = f"{'N':>6} {'H':>5} {'V':>6} {'impl':>8} {'fwd s':>7} {'bwd s':>7} {'total s':>8} {'time x':>7}"
     header += f" {'cpu s':>7} {'cpu x':>6}"
     header += f" {'peak MB':>8} {'mem x':>6} {'N*V fp32 MB':>12}"
     print(f"chunk_size={args.chunk_size}, repeats={args.repeats} (fastest shown); x = ratio to full")
@@ -98,7 +105,7 @@ def main() -> None:
         for impl in IMPLS:
             r = rows[impl]
             total = r["fwd_s"] + r["bwd_s"]
-            print(f"{n:>6} {args.hidden:>5} {args.vocab:>6} {impl:>6} {r['fwd_s']:>7.2f} {r['bwd_s']:>7.2f}"
+            print(f"{n:>6} {args.hidden:>5} {args.vocab:>6} {impl:>8} {r['fwd_s']:>7.2f} {r['bwd_s']:>7.2f}"
                   f" {total:>8.2f} {total / full_total:>7.2f} {r['cpu_s']:>7.2f} {r['cpu_s'] / full_cpu:>6.2f}"
                   f" {r['peak_extra_mb']:>8.0f}"
                   f" {r['peak_extra_mb'] / rows['full']['peak_extra_mb']:>6.2f} {r['logits_mb']:>12.0f}")

@@ -160,3 +160,21 @@ def test_fsdp_with_lora_tied_embeddings_checkpointing_and_tasks(make_run):
     reference = AutoModelForCausalLM.from_pretrained(a / "final")
     for (name, p), q in zip(merged.named_parameters(), reference.parameters(), strict=True):
         assert p.shape == q.shape and (p - q).abs().max() < 1e-5, name
+
+
+def test_kl_and_l2_to_base_under_two_processes_equal_one(make_run):
+    """The KL term's base forward and the anchor's gradient are per process: DDP sees the same objective."""
+    import yaml
+
+    cfg = {"train": {**RUN["train"], "l2_to_base": 2.0}, "eval": RUN["eval"]}
+    one, two = make_run("one", **cfg), make_run("two", **cfg)
+    for config in (one, two):
+        data = yaml.safe_load(config.read_text())
+        data["sources"][0]["kl_to_base"] = 1.0
+        config.write_text(yaml.safe_dump(data))
+    launch(one, 1)
+    launch(two, 2)
+    a, b = (train_records(p.parent / "out") for p in (one, two))
+    for key in ("loss", "kl_term", "l2_term", "objective"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-4, abs=1e-6), key
+    assert any(r["kl_term"] > 0 for r in a) and a[-1]["l2_term"] > 0
