@@ -1,10 +1,16 @@
 """Everything around the training loop: run directory, devices, model, logging, evals, checkpoints.
 
 Contract: `open_session` prepares a run (or the resume of one) and yields a `Session` whose methods the
-loop calls at named points — `log_train`, `log_eval`, `add_exposures`, `save_checkpoint`, `finish`.
-Only the main process writes files. Starting a new run in a directory that already holds one is refused
-(nothing is overwritten); `resume=True` checks that the config did not change in a way that would break
-exactness, truncates metrics.jsonl to the checkpoint, and restores every stateful component.
+loop calls at named points — `begin`, `log_train`, `log_eval`, `add_exposures`, `save_checkpoint`,
+`finish`. Only the main process writes files, and nothing in the run directory is written before `begin`:
+the session first decides what to do with the folder and reads everything it needs (the task files, and
+for a resume the newest checkpoint that verifies against its manifest and loads whole, passing over
+damaged ones), and `begin` restores that state into the built components before it writes the config,
+cuts metrics.jsonl back to the checkpoint and logs the `start` record. So a start or resume that fails —
+bad data, a bad task file, a damaged or mismatched checkpoint, a changed config — changes nothing.
+Starting a new run in a directory that already holds one is refused; a folder whose run stopped before
+its first optimizer step (no training record, no checkpoint) is started over; `resume=True` where there
+is no run starts one; `resume=True` on a run without an intact checkpoint is refused.
 """
 
 from __future__ import annotations
