@@ -48,6 +48,15 @@ class TokenDocs:
     def target_tokens(self) -> int:
         return int(self.loss_mask.sum())
 
+    def head(self, n: int, max_tokens: int | None = None) -> TokenDocs:
+        """The first n documents, cut to at most max_tokens tokens (the last one shortened)."""
+        end = int(self.offsets[min(n, len(self))])
+        if max_tokens is not None:
+            end = min(end, max_tokens)
+        offsets = self.offsets[self.offsets < end]
+        offsets = np.append(offsets, end).astype(np.int64)
+        return TokenDocs(np.asarray(self.tokens[:end]), offsets, np.asarray(self.loss_mask[:end]))
+
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of everything that decides how text becomes ids."""

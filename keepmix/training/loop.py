@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from keepmix.config import RunConfig, load_config
-from keepmix.data.build import build_sampler, prepare_sources
+from keepmix.data.build import build_sampler, guard_probes, prepare_sources
 from keepmix.data.packing import build_rows, count_tokens
 from keepmix.data.mixture import rows_for_rank
 from keepmix.diagnostics.exposures import ExposureWriter
@@ -56,6 +56,7 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
     names = [src.name for src in sources]
     train_docs = [src.train for src in sources]
     sampler = build_sampler(cfg, sources)
+    guard, probes = sampler.guard, guard_probes(cfg, sources)
     loss_model = s.wrap(LossModel(s.model, t.loss_impl))  # DDP or FSDP, compiled on request
     params = [p for p in loss_model.parameters() if p.requires_grad]
     # fused=True: one kernel for all parameters (CPU and CUDA) instead of a per-parameter loop; the
@@ -83,16 +84,27 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
         metrics.update(s.run_tasks())
         s.log_eval(metrics)
 
+    def check_guard() -> float:
+        """The guard's check: score its probe (reduced over processes: the same decision everywhere)."""
+        clock = time.perf_counter()
+        metrics = validation_metrics(loss_model, probes, seq_len=t.seq_len, batch_size=cfg.eval.batch_size,
+                                     pad_id=pad_id, device=acc.device, rank=rank, world_size=world,
+                                     reduce=acc.reduce, lockstep=s.fsdp)
+        guard.observe(state.step, {name: metrics[f"valid/{name}/{guard.metric}"] for name, _ in probes})
+        return time.perf_counter() - clock
+
     s.progress.start(t.steps, state.step, names, title=f"keepmix train → {s.run_dir}")
     if state.step == 0:  # the baseline: every retention figure is relative to it
         if s.reused_baseline is None:
             evaluate()
         else:
             s.log_eval(s.reused_baseline)
+    if guard is not None and guard.due(state.step):  # the guard's baseline: the probe before any update
+        check_guard()
     step_start = time.perf_counter()
     while state.step < t.steps:
         # ---- plan the global batch; this process builds only its rows -------------------------------
-        plans, planned, passes = sampler.plan()
+        plans, weights, passes = sampler.plan()  # weights: planned, or guarded
         for src, p in passes:
             s.log({"kind": "epoch", "source": names[src], "epoch": p, "step": state.step + 1})
         real_tokens, n_targets = count_tokens(plans, train_docs)  # of the whole global batch
@@ -133,8 +145,9 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
         state.tokens_seen += real_tokens
         # ---- metrics and the exposure log --------------------------------------------------------
         totals = RowStats.split(acc.reduce(stats.vector().to(acc.device)).cpu(), len(sources))
-        s.log_train(totals, names, planned, lr, float(grad_norm), real_tokens,
-                    time.perf_counter() - step_start, sampler)
+        seconds = time.perf_counter() - step_start
+        probe_s = check_guard() if guard is not None and guard.due(state.step) else None
+        s.log_train(totals, names, weights, lr, float(grad_norm), real_tokens, seconds, sampler, probe_s)
         s.add_exposures(exposures, segments, stats, names, lr)
         # ---- evals and checkpoints ---------------------------------------------------------------
         final = state.step == t.steps

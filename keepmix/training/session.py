@@ -217,8 +217,8 @@ class Session:
             "output": str(self.run_dir), "world_size": self.accelerator.num_processes,
         })
 
-    def log_train(self, totals: dict, names: list[str], planned: np.ndarray, lr: float, grad_norm: float,
-                  tokens: int, seconds: float, sampler) -> None:
+    def log_train(self, totals: dict, names: list[str], weights: np.ndarray, lr: float, grad_norm: float,
+                  tokens: int, seconds: float, sampler, probe_s: float | None = None) -> None:
         st = self.state
         n_tokens = float(totals["tokens"].sum())
         rows = totals["rows"]
@@ -236,11 +236,16 @@ class Session:
                        "tokens": int(totals["tokens"][i]), "rows": int(rows[i])}
                 for i, name in enumerate(names) if rows[i] > 0
             },
-            "planned": {name: float(planned[i]) for i, name in enumerate(names)},
+            "planned": {name: float(weights[i]) for i, name in enumerate(names)},
             "realized": {name: float(rows[i] / rows.sum()) for i, name in enumerate(names)},
             "realized_cum": {name: float(cum[i]) for i, name in enumerate(names)},
             "epoch": {name: round(sampler.streams[i].passes_done, 4) for i, name in enumerate(names)},
         }
+        if sampler.guard is not None:  # planned = the schedule's shares, guarded = the ones drawn from
+            g = sampler.guard
+            record["planned"] = {name: float(g.last_planned[i]) for i, name in enumerate(names)}
+            record["guarded"] = {name: float(weights[i]) for i, name in enumerate(names)}
+            record["guard"] = {**g.record(), "probe_s": probe_s}
         self.log(record)
         if self.main and (st.step % self.cfg.train.log_every == 0 or st.step == self.cfg.train.steps):
             self.progress.train(record)
