@@ -104,7 +104,7 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
     step_start = time.perf_counter()
     while state.step < t.steps:
         # ---- plan the global batch; this process builds only its rows -------------------------------
-        plans, weights, passes = sampler.plan()  # weights: planned, or guarded
+        plans, shares, passes = sampler.plan()  # shares: planned, or guarded
         for src, p in passes:
             s.log({"kind": "epoch", "source": names[src], "epoch": p, "step": state.step + 1})
         real_tokens, n_targets = count_tokens(plans, train_docs)  # of the whole global batch
@@ -147,7 +147,7 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
         totals = RowStats.split(acc.reduce(stats.vector().to(acc.device)).cpu(), len(sources))
         seconds = time.perf_counter() - step_start
         probe_s = check_guard() if guard is not None and guard.due(state.step) else None
-        s.log_train(totals, names, weights, lr, float(grad_norm), real_tokens, seconds, sampler, probe_s)
+        s.log_train(totals, names, shares, lr, float(grad_norm), real_tokens, seconds, sampler, probe_s)
         s.add_exposures(exposures, segments, stats, names, lr)
         # ---- evals and checkpoints ---------------------------------------------------------------
         final = state.step == t.steps
