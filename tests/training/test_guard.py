@@ -41,6 +41,17 @@ def test_the_guard_keeps_a_starved_source_within_tolerance(make_run, general_mod
     summary = guard_summary(read_metrics(guarded.parent / "out" / "metrics.jsonl"))
     assert summary and summary[0].startswith("Retention guard: general token accuracy fell")
     assert "the guard raised general from 0 % to 50 %" in summary[0]
+    # ... and the same sentences in diagnostics.json (keepmix diagnose), the report, and the mixture plot
+    run_dir = guarded.parent / "out"
+    assert json.loads((run_dir / "diagnostics.json").read_text())["guard"] == summary
+    from keepmix.report.html import render_report
+    from keepmix.report.plots import PlotRun, build_figures
+
+    page = render_report([run_dir]).read_text()
+    assert "<h2>Retention guard</h2>" in page and summary[0].split(":", 1)[1].strip()[:40] in page
+    mixture = build_figures([PlotRun("g", read_metrics(run_dir / "metrics.jsonl"))])["mixture"]
+    gids = {line.get_gid() for ax in mixture.axes for line in ax.lines}
+    assert "guarded:g:general" in gids and "planned:g:general" in gids
 
 
 def test_a_stopped_and_resumed_guarded_run_is_bit_identical(make_run, general_model):
