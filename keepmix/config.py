@@ -141,7 +141,8 @@ class GuardConfig(_Strict):
     probe_docs: int = Field(16, gt=0, description="Held-out documents of each protected source in the probe "
                             "(the first ones of its held-out split).")
     probe_tokens: int | None = Field(
-        2048, gt=0, description="Cap on the probe's tokens per source (None: all probe_docs)."
+        2048, gt=0, description="The probe's tokens per source, spread evenly over its probe_docs (each "
+        "document cut to its first probe_tokens // probe_docs tokens); None: the whole documents."
     )
 
 

@@ -3,7 +3,7 @@
 Contract: `prepare_sources` reads, validates, splits and tokenizes every source (through the token
 cache) and returns `PreparedSource`s; `build_sampler` makes the mixture sampler from them (with the
 retention guard of `mixture.guard`, if any) and `guard_probes` the guard's fixed probe: the first
-`probe_docs` held-out documents of each protected source, up to `probe_tokens` tokens. Like
+`probe_docs` held-out documents of each protected source, `probe_tokens` tokens spread over them. Like
 torchtune's builders, these are the only data code that reads the config tree; everything they build
 takes plain arguments.
 """

@@ -131,13 +131,14 @@ def interventions(records: list[dict]) -> list[dict]:
     train = [r for r in records if r.get("kind") == "train" and "guarded" in r]
     out: list[dict] = []
     open_: dict[str, dict] = {}
-    for r in train:
+    for before, r in zip([None] + train, train):
         for source, share in r["guarded"].items():
             planned = r["planned"].get(source, 0.0)
             raised = share > planned + 1e-9 and source in (r.get("guard") or {}).get("boost", {})
             span = open_.get(source)
             if raised and span is None:
-                signal = dict((r["guard"].get("signal") or {}).get(source) or {})
+                # the check that raised it is the one before this step: the previous record's signal
+                signal = dict(((before or r).get("guard") or {}).get("signal", {}).get(source) or {})
                 span = open_[source] = {"source": source, "check_step": signal.get("step", r["step"] - 1),
                                         "start": r["step"], "end": None, "planned": planned, "peak": share,
                                         "signal": signal, "metric": r["guard"].get("metric", "token_acc")}
