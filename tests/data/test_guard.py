@@ -133,3 +133,13 @@ def test_each_intervention_is_one_sentence():
     assert guard_summary(_records({9: 0.2, 10: 0.2}))[0].endswith("to the end of the run (step 10).")
     assert "never changed the plan" in guard_summary(_records({}))[0]
     assert guard_summary([{"kind": "train", "step": 1, "planned": {"code": 1.0}}]) == []
+
+
+def test_the_probe_spreads_its_tokens_over_its_documents():
+    from keepmix.data.tokenize import TokenDocs
+
+    docs = TokenDocs(np.arange(10, dtype=np.int32), np.array([0, 3, 4, 10]), np.ones(10, dtype=bool))
+    probe = docs.head(3, max_tokens=6)  # 2 tokens of each of the 3 documents (the second has only 1)
+    assert probe.tokens.tolist() == [0, 1, 3, 4, 5] and probe.offsets.tolist() == [0, 2, 3, 5]
+    whole = docs.head(2)
+    assert whole.tokens.tolist() == [0, 1, 2, 3] and len(whole) == 2
