@@ -57,7 +57,8 @@ class RetentionGuard:
         return [self.names[i] for i in self.protected]
 
     def due(self, step: int) -> bool:
-        return (step == 0 and not self.baseline) or (step > 0 and step % self.every == 0)
+        """A check after the update of `step` (the baseline, before step 1, is the loop's own call)."""
+        return step > 0 and step % self.every == 0
 
     def behind(self, name: str, now: float) -> float:
         """How much worse than its baseline, in the tolerance's unit (points, or a fraction of the loss)."""

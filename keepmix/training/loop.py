@@ -99,8 +99,8 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
             evaluate()
         else:
             s.log_eval(s.reused_baseline)
-    if guard is not None and guard.due(state.step):  # the guard's baseline: the probe before any update
-        check_guard()
+    if guard is not None and state.step == 0:  # the guard's baseline: the probe before any update
+        check_guard()  # (a resumed run has it in its checkpoint, with every check up to that step)
     step_start = time.perf_counter()
     while state.step < t.steps:
         # ---- plan the global batch; this process builds only its rows -------------------------------

@@ -58,12 +58,13 @@ def test_a_stopped_and_resumed_guarded_run_is_bit_identical(make_run, general_mo
     cfg = forgetting_run(general_model, GUARD, checkpoint_every=5)
     whole, parts = make_run("whole", **cfg), make_run("parts", **cfg)
     keepmix.train(whole, progress="quiet")
-    assert keepmix.train(parts, progress="quiet", stop_at=13).status == "stopped"  # between two checks
+    # stopped right after the check that first raises general (its extra share not yet at max_share)
+    assert keepmix.train(parts, progress="quiet", stop_at=6).status == "stopped"
     keepmix.train(parts, progress="quiet", resume=True)
     ref, got = train_records(whole.parent / "out"), train_records(parts.parent / "out")
     assert [r["guarded"] for r in got] == [r["guarded"] for r in ref]
     assert [r["guard"]["signal"] for r in got] == [r["guard"]["signal"] for r in ref]
-    assert len({r["guarded"]["general"] for r in ref[13:]}) > 1  # the guard acted after the resume too
+    assert len({r["guarded"]["general"] for r in ref[6:]}) > 1  # the guard acted after the resume too
     assert losses(parts.parent / "out") == losses(whole.parent / "out")
     assert_same_weights(final_weights(whole.parent / "out"), final_weights(parts.parent / "out"))
 
