@@ -49,8 +49,7 @@ class RetentionGuard:
         self.boost = np.zeros(n, dtype=np.float64)
         self.baseline: dict[str, float] = {}
         self.signal: dict[str, dict] = {}  # the last check: {source: {step, baseline, now, behind}}
-        self.last_planned: np.ndarray | None = None
-        self.last_shares: np.ndarray | None = None
+        self.last_planned: np.ndarray | None = None  # the planned shares of the last `shares` call
 
     @property
     def protected_names(self) -> list[str]:
@@ -98,12 +97,13 @@ class RetentionGuard:
                 raise_ = raise_ * min(1.0, can / asked)
                 out = planned + raise_ - room * (raise_.sum() / can)
                 out = out / out.sum()
-        self.last_planned, self.last_shares = planned, out
+        self.last_planned = planned
         return out
 
     def record(self) -> dict:
         """What a `train` record carries: the last check's signal per source and the current boosts."""
-        return {"metric": self.metric, "tolerance": self.tolerance, "signal": self.signal,
+        return {"metric": self.metric, "tolerance": self.tolerance,
+                "signal": {name: dict(entry) for name, entry in self.signal.items()},
                 "boost": {self.names[i]: float(self.boost[i]) for i in self.protected}}
 
     def state_dict(self) -> dict:
