@@ -412,7 +412,40 @@ def _guard_problems(cfg: RunConfig, floors: list[float]) -> list[str]:
         elif s.valid_path is None and isinstance(s.valid_docs, int) and guard.probe_docs > s.valid_docs:
             problems.append(f"{key}.probe_docs: {guard.probe_docs} is larger than the held-out set of {name} "
                             f"({s.valid_docs} documents, sources[{i}].valid_docs); expected at most {s.valid_docs}")
+        else:
+            most, where = _held_out_at_most(cfg, s, i)
+            if most == 0:
+                problems.append(f"{key}.sources: {name} has no held-out documents ({where} hold none); the "
+                                "guard's probe needs some")
+            elif most is not None and guard.probe_docs > most:
+                problems.append(f"{key}.probe_docs: {guard.probe_docs} is larger than the held-out set of {name} "
+                                f"(at most {most} documents, {where}); expected at most {most}")
     return problems
+
+
+_COUNTED_BYTES = 64 << 20  # JSONL files up to this size are counted at validation time
+
+
+def _held_out_at_most(cfg: RunConfig, s: SourceConfig, i: int) -> tuple[int | None, str]:
+    """An upper bound on a source's held-out documents when it is cheap to know before reading the data
+    (a local JSONL valid_path, or a fraction of a local JSONL path): its non-blank lines. None otherwise;
+    the exact count is checked again once the data are read."""
+
+    def lines(value: str | None) -> int | None:
+        path = Path(cfg.resolve(value) or "")
+        if path.suffix.lower() != ".jsonl" or not path.is_file() or path.stat().st_size > _COUNTED_BYTES:
+            return None
+        with path.open("rb") as f:
+            return sum(1 for line in f if line.strip())
+
+    if s.valid_path is not None:
+        return lines(s.valid_path), f"the records of sources[{i}].valid_path"
+    if isinstance(s.valid_docs, float):
+        n = lines(s.path)
+        if n is not None:
+            n = min(n, s.max_docs or n)
+            return min(int(round(n * s.valid_docs)), max(n - 1, 0)), f"sources[{i}].valid_docs of {n} records"
+    return None, ""
 
 
 def _without(data: dict, locations: list[tuple]) -> dict:

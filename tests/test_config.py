@@ -132,6 +132,26 @@ def test_guard_defaults_protect_the_floored_sources(tmp_path):
         "mixture.guard.sources: nothing to protect: no source has a floor > 0; name the sources to protect "
         "(sources: general, sql)"]
     data["sources"][0]["floor"] = 0.1
+    assert problems(tmp_path, data) == [  # 5 % of general's one record
+        "mixture.guard.sources: general has no held-out documents (sources[0].valid_docs of 1 records hold "
+        "none); the guard's probe needs some"]
+    data["sources"][0]["valid_docs"] = 16
     cfg = parse_config(data, base_dir=tmp_path)
     assert guarded_sources(cfg) == ["general"]
     assert cfg.mixture.guard.tolerance is None and cfg.mixture.guard.every == 10
+
+
+def test_a_probe_larger_than_a_local_held_out_file_is_refused_before_reading_the_data(tmp_path):
+    data = base(tmp_path)
+    (tmp_path / "general_valid.jsonl").write_text('{"text": "a"}\n' * 3)
+    (tmp_path / "sql_many.jsonl").write_text('{"prompt": "q", "completion": "a"}\n' * 40)
+    data["sources"][0].update(floor=0.1, valid_path="general_valid.jsonl")
+    data["sources"][1].update(path="sql_many.jsonl", valid_docs=0.1)
+    data["mixture"]["guard"] = {"sources": ["general"], "probe_docs": 4}
+    assert problems(tmp_path, data) == [
+        "mixture.guard.probe_docs: 4 is larger than the held-out set of general (at most 3 documents, the "
+        "records of sources[0].valid_path); expected at most 3"]
+    data["mixture"]["guard"] = {"sources": ["sql"], "probe_docs": 5}
+    assert problems(tmp_path, data) == [
+        "mixture.guard.probe_docs: 5 is larger than the held-out set of sql (at most 4 documents, "
+        "sources[1].valid_docs of 40 records); expected at most 4"]

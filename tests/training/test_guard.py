@@ -92,11 +92,21 @@ def test_guard_off_leaves_the_sampler_state_and_records_as_before(make_run):
 
 
 def test_a_probe_larger_than_a_fractional_held_out_set_is_refused(make_run, general_model):
-    from keepmix.errors import KeepmixError
+    from keepmix.errors import ConfigError, KeepmixError
 
     cfg = forgetting_run(general_model, {**GUARD, "probe_docs": 50}, steps=2)
-    cfg["sources"] = [{"name": "general", "path": "general.jsonl", "valid_docs": 0.1},
+    cfg["sources"] = [{"name": "general", "path": "general.jsonl", "valid_docs": 0.1, "on_bad_row": "skip"},
                       {"name": "qa", "path": "qa.jsonl", "format": "prompt_completion", "loss_on": "completion"}]
-    with pytest.raises(KeepmixError, match=r"mixture.guard.probe_docs: 50 is larger than the held-out set of "
+    config = make_run(**cfg)
+    with pytest.raises(ConfigError, match=r"mixture.guard.probe_docs: 50 is larger than the held-out set of "
+                                          r"general \(at most 12 documents, sources\[0\].valid_docs of 120 records\)"):
+        keepmix.train(config, progress="quiet")
+    assert not (config.parent / "out").exists()  # refused before anything was written
+    # 80 malformed lines (skipped) make the line count an overestimate: the exact count, once read, refuses
+    cfg["mixture"]["guard"]["probe_docs"] = 15
+    config = make_run(**cfg)
+    with (config.parent / "general.jsonl").open("a") as f:
+        f.write("not json\n" * 80)
+    with pytest.raises(KeepmixError, match=r"mixture.guard.probe_docs: 15 is larger than the held-out set of "
                                            r"general \(12 documents\)"):
-        keepmix.train(make_run(**cfg), progress="quiet")
+        keepmix.train(config, progress="quiet")
