@@ -32,8 +32,11 @@ def cmd_train(args) -> None:
     _print_retention(result)
     from keepmix.report.metrics import read_diagnostics
 
-    for line in (read_diagnostics(result.run_dir) or {}).get("summary", []):
+    diagnostics = read_diagnostics(result.run_dir) or {}
+    for line in diagnostics.get("summary", []):
         print(f"memorization: {line}")
+    for line in diagnostics.get("guard", []):
+        print(f"guard: {line.removeprefix('Retention guard: ')}")
     print(f"run directory: {result.run_dir}\nfinal model:   {result.final_dir or '(stopped early: resume with --resume)'}")
     if not args.no_report:
         _report([result.run_dir])

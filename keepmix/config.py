@@ -134,6 +134,41 @@ class QualityPoint(_Strict):
     min: float = Field(description="Documents with quality below this are not drawn at t.")
 
 
+class GuardConfig(_Strict):
+    """The retention guard (keepmix/data/guard.py): raises a protected source's share above the schedule
+    while its probe metric is behind its step-0 baseline by more than `tolerance`."""
+
+    every: int = Field(10, gt=0, description="Steps between checks of the probe (the baseline is step 0).")
+    sources: list[str] | None = Field(
+        None, description="Sources to protect; None = every source with a floor > 0."
+    )
+    metric: Literal["token_acc", "loss"] = Field(
+        "token_acc", description="Probe metric: token accuracy (points) or loss (fraction of the baseline)."
+    )
+    tolerance: float | None = Field(
+        None, ge=0, description="How far behind its baseline a source may fall before the guard acts, in "
+        "the metric's unit; None = eval.retention_tolerance."
+    )
+    max_share: float = Field(0.5, gt=0, le=1, description="The guard never raises a source above this share.")
+    gain: float = Field(
+        0.05, gt=0, le=1, description="Share added per check per tolerance behind (at most 4 x gain per check)."
+    )
+    decay: float = Field(
+        0.5, ge=0, lt=1, description="Once a source is back within half its tolerance, its extra share is "
+        "multiplied by this at each check."
+    )
+    task_keep: float = Field(
+        0.5, ge=0, le=1, description="Each unprotected source keeps at least this fraction of its planned "
+        "share (and its floor): the guard cannot starve the task."
+    )
+    probe_docs: int = Field(16, gt=0, description="Held-out documents of each protected source in the probe "
+                            "(the first ones of its held-out split).")
+    probe_tokens: int | None = Field(
+        2048, gt=0, description="The probe's tokens per source, spread evenly over its probe_docs (each "
+        "document cut to its first probe_tokens // probe_docs tokens); None: the whole documents."
+    )
+
+
 class MixtureConfig(_Strict):
     schedule: list[SchedulePoint] | None = Field(
         None, description="Schedule points; None = each source in proportion to its tokens."
@@ -144,6 +179,9 @@ class MixtureConfig(_Strict):
     floor: float = Field(0.0, ge=0, le=1, description="Minimum share of every source.")
     quality: list[QualityPoint] | None = Field(
         None, description="Rising quality threshold (piecewise linear in t)."
+    )
+    guard: GuardConfig | None = Field(
+        None, description="Retention guard: a closed-loop correction of the schedule (None: off)."
     )
 
 
@@ -330,6 +368,7 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
         problems.append(
             f"mixture.floor: floors sum to {sum(floors):.3f} over {len(floors)} sources; they must sum to <= 1"
         )
+    problems += _guard_problems(cfg, floors)
     t = cfg.train
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:  # per process; checked again at launch
         problems.append(
@@ -442,6 +481,80 @@ def _architecture_problems(arch: dict) -> list[str]:
         if isinstance(value, int) and value <= 0:
             problems.append(f"model.architecture.{key}: must be a positive integer (got {value})")
     return problems
+
+
+def guarded_sources(cfg: RunConfig) -> list[str]:
+    """The sources the guard protects: the named ones, else every source with a floor > 0."""
+    guard = cfg.mixture.guard
+    if guard is None:
+        return []
+    if guard.sources is not None:
+        return list(guard.sources)
+    return [s.name for s in cfg.sources if (s.floor if s.floor is not None else cfg.mixture.floor) > 0]
+
+
+def _guard_problems(cfg: RunConfig, floors: list[float]) -> list[str]:
+    guard = cfg.mixture.guard
+    if guard is None:
+        return []
+    names, problems = cfg.source_names, []
+    key = "mixture.guard"
+    for i, name in enumerate(guard.sources or []):
+        if name not in names:
+            problems.append(f"{key}.sources[{i}]: no source named {name!r} (sources: {', '.join(names)})")
+    protected = [n for n in guarded_sources(cfg) if n in names]
+    if not protected:
+        problems.append(f"{key}.sources: nothing to protect: no source has a floor > 0; name the sources "
+                        f"to protect (sources: {', '.join(names)})")
+    elif len(set(protected)) == len(names):
+        problems.append(f"{key}.sources: protects every source; at least one source must be left "
+                        "unprotected to give up the share the guard adds")
+    for name in protected:
+        i = names.index(name)
+        if guard.max_share < floors[i] - 1e-12:
+            problems.append(f"{key}.max_share: {guard.max_share:g} is below the floor of {name} "
+                            f"({floors[i]:g}); it must be >= the floor of every protected source")
+        s = cfg.sources[i]
+        if s.valid_path is None and s.valid_docs == 0:
+            problems.append(f"{key}.sources: {name} has no held-out documents (sources[{i}].valid_docs is 0 "
+                            f"and no valid_path); the guard's probe needs some")
+        elif s.valid_path is None and isinstance(s.valid_docs, int) and guard.probe_docs > s.valid_docs:
+            problems.append(f"{key}.probe_docs: {guard.probe_docs} is larger than the held-out set of {name} "
+                            f"({s.valid_docs} documents, sources[{i}].valid_docs); expected at most {s.valid_docs}")
+        else:
+            most, where = _held_out_at_most(cfg, s, i)
+            if most == 0:
+                problems.append(f"{key}.sources: {name} has no held-out documents ({where} hold none); the "
+                                "guard's probe needs some")
+            elif most is not None and guard.probe_docs > most:
+                problems.append(f"{key}.probe_docs: {guard.probe_docs} is larger than the held-out set of {name} "
+                                f"(at most {most} documents, {where}); expected at most {most}")
+    return problems
+
+
+_COUNTED_BYTES = 64 << 20  # JSONL files up to this size are counted at validation time
+
+
+def _held_out_at_most(cfg: RunConfig, s: SourceConfig, i: int) -> tuple[int | None, str]:
+    """An upper bound on a source's held-out documents when it is cheap to know before reading the data
+    (a local JSONL valid_path, or a fraction of a local JSONL path): its non-blank lines. None otherwise;
+    the exact count is checked again once the data are read."""
+
+    def lines(value: str | None) -> int | None:
+        path = Path(cfg.resolve(value) or "")
+        if path.suffix.lower() != ".jsonl" or not path.is_file() or path.stat().st_size > _COUNTED_BYTES:
+            return None
+        with path.open("rb") as f:
+            return sum(1 for line in f if line.strip())
+
+    if s.valid_path is not None:
+        return lines(s.valid_path), f"the records of sources[{i}].valid_path"
+    if isinstance(s.valid_docs, float):
+        n = lines(s.path)
+        if n is not None:
+            n = min(n, s.max_docs or n)
+            return min(int(round(n * s.valid_docs)), max(n - 1, 0)), f"sources[{i}].valid_docs of {n} records"
+    return None, ""
 
 
 def _without(data: dict, locations: list[tuple]) -> dict:

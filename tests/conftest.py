@@ -122,3 +122,32 @@ def train_records(run_dir: Path, kind: str = "train") -> list[dict]:
     from keepmix.report.metrics import of_kind, read_metrics
 
     return of_kind(read_metrics(run_dir / "metrics.jsonl"), kind)
+
+
+@pytest.fixture(scope="session")
+def general_model(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny Llama trained from scratch on `general` prose only (40 steps): a model with something to
+    forget. Returns its final/ folder."""
+    import keepmix
+
+    folder = tmp_path_factory.mktemp("general_model")
+    write_jsonl(folder / "general.jsonl", prose_docs(120))
+    cfg = {"model": {"init": "scratch", "tokenizer": str(tokenizer_dir), "architecture": dict(TINY_LLAMA)},
+           "sources": [{"name": "general", "path": "general.jsonl", "valid_docs": 10}],
+           "train": {"seq_len": 64, "batch_size": 4, "steps": 40, "lr": 3e-3, "warmup": 2, "seed": 0,
+                     "lr_schedule": "constant", "checkpoint_every": None, "threads": 1},
+           "eval": {"every": None}, "output": "out", "cache_dir": "cache"}
+    (folder / "run.yaml").write_text(yaml.safe_dump(cfg))
+    return keepmix.train(folder / "run.yaml", progress="quiet").final_dir
+
+
+# A run that starves `general` (weight 0, no floor) on a model that knows it: `general` is forgotten
+# unless the guard protects it: make_run(**forgetting_run(general_model, guard={...})).
+def forgetting_run(model_dir: Path, guard: dict | None = None, **train) -> dict:
+    mixture = {"schedule": [{"at": 0.0, "weights": {"general": 0.0, "qa": 1.0}}], "floor": 0.0}
+    if guard is not None:
+        mixture["guard"] = guard
+    return {"model": {"init": "pretrained", "name": str(model_dir), "tokenizer": None, "architecture": None},
+            "mixture": mixture,
+            "train": {"steps": 30, "lr_schedule": "constant", "checkpoint_every": None, **train},
+            "eval": {"every": 10}}

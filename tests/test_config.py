@@ -101,3 +101,57 @@ def test_every_shipped_example_config_parses():
     assert configs
     for path in configs:
         load_config(path)  # hub ids stay ids; local files must exist
+
+
+def test_guard_problems_name_their_keys(tmp_path):
+    data = base(tmp_path)
+    data["sources"][0].update(floor=0.2, valid_docs=8)
+    data["sources"][1]["valid_docs"] = 0
+    data["mixture"]["guard"] = {"sources": ["general", "sql", "code"], "max_share": 0.1, "probe_docs": 16,
+                                "metric": "acc"}
+    found = problems(tmp_path, data)
+    assert "mixture.guard.sources[2]: no source named 'code' (sources: general, sql)" in found
+    assert "mixture.guard.sources: protects every source; at least one source must be left unprotected to give " \
+           "up the share the guard adds" in found
+    assert "mixture.guard.max_share: 0.1 is below the floor of general (0.2); it must be >= the floor of every " \
+           "protected source" in found
+    assert "mixture.guard.probe_docs: 16 is larger than the held-out set of general (8 documents, " \
+           "sources[0].valid_docs); expected at most 8" in found
+    assert "mixture.guard.sources: sql has no held-out documents (sources[1].valid_docs is 0 and no valid_path); " \
+           "the guard's probe needs some" in found
+    assert any(p.startswith("mixture.guard.metric: ") and "'acc'" in p for p in found)
+    assert len(found) == 6
+
+
+def test_guard_defaults_protect_the_floored_sources(tmp_path):
+    from keepmix.config import guarded_sources
+
+    data = base(tmp_path)
+    data["mixture"]["guard"] = {}
+    assert problems(tmp_path, data) == [
+        "mixture.guard.sources: nothing to protect: no source has a floor > 0; name the sources to protect "
+        "(sources: general, sql)"]
+    data["sources"][0]["floor"] = 0.1
+    assert problems(tmp_path, data) == [  # 5 % of general's one record
+        "mixture.guard.sources: general has no held-out documents (sources[0].valid_docs of 1 records hold "
+        "none); the guard's probe needs some"]
+    data["sources"][0]["valid_docs"] = 16
+    cfg = parse_config(data, base_dir=tmp_path)
+    assert guarded_sources(cfg) == ["general"]
+    assert cfg.mixture.guard.tolerance is None and cfg.mixture.guard.every == 10
+
+
+def test_a_probe_larger_than_a_local_held_out_file_is_refused_before_reading_the_data(tmp_path):
+    data = base(tmp_path)
+    (tmp_path / "general_valid.jsonl").write_text('{"text": "a"}\n' * 3)
+    (tmp_path / "sql_many.jsonl").write_text('{"prompt": "q", "completion": "a"}\n' * 40)
+    data["sources"][0].update(floor=0.1, valid_path="general_valid.jsonl")
+    data["sources"][1].update(path="sql_many.jsonl", valid_docs=0.1)
+    data["mixture"]["guard"] = {"sources": ["general"], "probe_docs": 4}
+    assert problems(tmp_path, data) == [
+        "mixture.guard.probe_docs: 4 is larger than the held-out set of general (at most 3 documents, the "
+        "records of sources[0].valid_path); expected at most 3"]
+    data["mixture"]["guard"] = {"sources": ["sql"], "probe_docs": 5}
+    assert problems(tmp_path, data) == [
+        "mixture.guard.probe_docs: 5 is larger than the held-out set of sql (at most 4 documents, "
+        "sources[1].valid_docs of 40 records); expected at most 4"]

@@ -1,7 +1,9 @@
 """Builders that turn the config's data sections into ready components.
 
 Contract: `prepare_sources` reads, validates, splits and tokenizes every source (through the token
-cache) and returns `PreparedSource`s; `build_sampler` makes the mixture sampler from them. Like
+cache) and returns `PreparedSource`s; `build_sampler` makes the mixture sampler from them (with the
+retention guard of `mixture.guard`, if any) and `guard_probes` the guard's fixed probe: the first
+`probe_docs` held-out documents of each protected source, `probe_tokens` tokens spread over them. Like
 torchtune's builders, these are the only data code that reads the config tree; everything they build
 takes plain arguments.
 """
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from keepmix.config import RunConfig
+from keepmix.config import RunConfig, guarded_sources
+from keepmix.data.guard import RetentionGuard
 from keepmix.data.mixture import MixtureSampler, QualitySchedule, Schedule
 from keepmix.data.packing import DocStream
 from keepmix.data.sources import describe_skipped, iter_canonical_docs, load_source, stream_fingerprint
@@ -105,10 +108,39 @@ def build_schedule(cfg: RunConfig, sources: list[PreparedSource]) -> Schedule:
     return Schedule(names, points, floors, cfg.mixture.interpolation)
 
 
+def build_guard(cfg: RunConfig, schedule: Schedule) -> RetentionGuard | None:
+    g = cfg.mixture.guard
+    if g is None:
+        return None
+    tolerance = g.tolerance if g.tolerance is not None else cfg.eval.retention_tolerance
+    return RetentionGuard(schedule.names, guarded_sources(cfg), schedule.floors, metric=g.metric,
+                          tolerance=tolerance, every=g.every, max_share=g.max_share, gain=g.gain, decay=g.decay,
+                          task_keep=g.task_keep)
+
+
 def build_sampler(cfg: RunConfig, sources: list[PreparedSource]) -> MixtureSampler:
     streams = [DocStream(s.train.lengths, seed=cfg.train.seed, source_index=i, quality=s.quality)
                for i, s in enumerate(sources)]
     quality = QualitySchedule([(p.at, p.min) for p in cfg.mixture.quality]) if cfg.mixture.quality else None
-    return MixtureSampler(build_schedule(cfg, sources), streams, batch_rows=cfg.train.batch_size,
+    schedule = build_schedule(cfg, sources)
+    return MixtureSampler(schedule, streams, batch_rows=cfg.train.batch_size,
                           total_steps=cfg.train.steps, seq_len=cfg.train.seq_len,
-                          split_docs=cfg.train.split_docs, quality=quality)
+                          split_docs=cfg.train.split_docs, quality=quality, guard=build_guard(cfg, schedule))
+
+
+def guard_probes(cfg: RunConfig, sources: list[PreparedSource]) -> list[tuple[str, TokenDocs]]:
+    """The guard's probe: (source, its first probe_docs held-out documents) per protected source."""
+    g = cfg.mixture.guard
+    if g is None:
+        return []
+    out = []
+    for name in guarded_sources(cfg):
+        i = [s.name for s in sources].index(name)
+        held_out = len(sources[i].valid)
+        if held_out < g.probe_docs:  # held-out counts of fractions and valid_path files are known only now
+            raise KeepmixError(f"mixture.guard.probe_docs: {g.probe_docs} is larger than the held-out set of "
+                               f"{name} ({held_out} documents); expected at most {held_out}"
+                               if held_out else f"mixture.guard.sources: {name} has no held-out documents; "
+                               "the guard's probe needs some (sources[].valid_docs or valid_path)")
+        out.append((name, sources[i].valid.head(g.probe_docs, g.probe_tokens)))
+    return out

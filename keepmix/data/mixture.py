@@ -10,6 +10,9 @@ Contract:
   round robin), so the realized share tracks the planned one within one row at every step; each
   source's rows come from its `DocStream`. State: per source two numbers of the allocation plus the
   stream's three integers — resume is O(1) and exact.
+- With a `RetentionGuard` (keepmix/data/guard.py) the sampler draws from the guarded shares
+  (`guard.shares(planned)`) instead of the planned ones, and the guard's state is part of the sampler's;
+  without one, nothing changes.
 - Every process computes the same global plan and builds only its own rows (`rows_for_rank`), so the
   global data order is the same for any number of processes and no row is seen twice.
 """
@@ -87,8 +90,9 @@ class QualitySchedule:
 
 class MixtureSampler:
     def __init__(self, schedule: Schedule, streams: list[DocStream], *, batch_rows: int, total_steps: int,
-                 seq_len: int, split_docs: bool = True, quality: QualitySchedule | None = None):
-        self.schedule, self.streams, self.quality = schedule, streams, quality
+                 seq_len: int, split_docs: bool = True, quality: QualitySchedule | None = None,
+                 guard=None):
+        self.schedule, self.streams, self.quality, self.guard = schedule, streams, quality, guard
         self.batch_rows, self.total_steps, self.seq_len, self.split_docs = batch_rows, total_steps, seq_len, split_docs
         n = len(streams)
         self.assigned = np.zeros(n, dtype=np.int64)  # rows given to each source so far
@@ -99,9 +103,12 @@ class MixtureSampler:
         return step / max(self.total_steps - 1, 1)
 
     def plan(self) -> tuple[list[RowPlan], np.ndarray, list[tuple[int, int]]]:
-        """The next global batch: row plans, the planned weights, and (source, pass) for passes begun."""
+        """The next global batch: row plans, the weights drawn from (planned, or guarded with a guard),
+        and (source, pass) for passes begun."""
         t = self.progress(self.step)
         w = self.schedule.weights(t)
+        if self.guard is not None:
+            w = self.guard.shares(w)
         min_q = self.quality.threshold(t) if self.quality else None
         plans, passes = [], []
         for _ in range(self.batch_rows):
@@ -115,12 +122,15 @@ class MixtureSampler:
         return plans, w, passes
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "step": self.step,
             "assigned": self.assigned.tolist(),
             "planned": self.planned.tolist(),  # JSON floats round-trip exactly
             "streams": [s.state_dict() for s in self.streams],
         }
+        if self.guard is not None:
+            state["guard"] = self.guard.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -128,6 +138,8 @@ class MixtureSampler:
         self.planned = np.asarray(state["planned"], dtype=np.float64)
         for stream, s in zip(self.streams, state["streams"]):
             stream.load_state_dict(s)
+        if self.guard is not None:
+            self.guard.load_state_dict(state["guard"])
 
 
 def rows_for_rank(plans: list, rank: int, world_size: int) -> list:

@@ -48,6 +48,20 @@ class TokenDocs:
     def target_tokens(self) -> int:
         return int(self.loss_mask.sum())
 
+    def head(self, n: int, max_tokens: int | None = None) -> TokenDocs:
+        """The first n documents, each cut to its first max_tokens // n tokens when max_tokens is given
+        (a budget spread over n documents rather than spent on the first long one)."""
+        n = min(n, len(self))
+        per_doc = None if max_tokens is None else max(1, max_tokens // max(n, 1))
+        tokens, masks, offsets = [], [], [0]
+        for i in range(n):
+            doc, mask = self.doc(i)
+            tokens.append(np.asarray(doc[:per_doc]))
+            masks.append(np.asarray(mask[:per_doc]))
+            offsets.append(offsets[-1] + len(tokens[-1]))
+        return TokenDocs(np.concatenate(tokens or [np.zeros(0, dtype=np.int32)]).astype(np.int32),
+                         np.asarray(offsets, dtype=np.int64), np.concatenate(masks or [np.zeros(0, dtype=bool)]))
+
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of everything that decides how text becomes ids."""

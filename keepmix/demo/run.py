@@ -75,6 +75,7 @@ class DemoSettings:
     generate_batch_size: int
     seed: int = 0
     threads: int | None = None  # CPU threads; None = torch's default (all cores)
+    guard: dict | None = None  # keepmix's mixture.guard (the retention guard); None = the static schedule
     data_sizes: dict[str, int] = field(default_factory=dict)  # extra build_demo_data arguments
 
 
@@ -190,7 +191,8 @@ def arm_config(arm: str, data: DemoData, model_section: dict, s: DemoSettings, o
     return {
         "model": dict(model_section),
         "sources": sources,
-        "mixture": {"schedule": schedule, "interpolation": "linear"},
+        "mixture": {"schedule": schedule, "interpolation": "linear",
+                    **({"guard": dict(s.guard)} if s.guard and arm != "finetune_only" else {})},
         # split_docs False: an SQL example (~190 tokens) is never cut from its prompt across rows.
         "train": {"seq_len": s.seq_len, "batch_size": s.batch_size, "micro_batch_size": s.micro_batch_size,
                   "steps": s.steps, "lr": s.lr, "lr_schedule": s.lr_schedule, "warmup": s.warmup,

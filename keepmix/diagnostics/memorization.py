@@ -17,6 +17,7 @@ LR, loss and loss-bearing tokens) and the `epoch` / `eval` records of metrics.js
   step (raw losses would credit the LR schedule with the ordinary fall of the loss curve).
 - `validation_gap`: held-out loss vs the training loss of first-view (and repeated) documents over the
   same steps, and whether validation loss rises while token accuracy holds (over-confidence).
+- `guard`: with a retention guard (mixture.guard), one sentence per intervention it made.
 - `diagnose(run_dir)` computes all of it, writes `<run>/diagnostics.json` and returns the same dict;
   values that cannot be computed are null. `format_diagnostics` renders it for a terminal.
 
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from keepmix.data.guard import guard_summary
 from keepmix.diagnostics.exposures import read_exposures
 from keepmix.diagnostics.clunks import Clunk, boundary_tests, detect_clunks
 from keepmix.diagnostics.log import (LogColumns, columns_of, doc_views, json_number, paired_views, relative_losses,
@@ -288,7 +290,7 @@ def diagnose(run_dir: str | Path) -> dict:
     gaps = validation_gap(table, evals)
     result = {"loss_by_view": lbv, "view_drops": drops, "clunks": [asdict(t) for t in tests if t.detected],
               "boundaries": [asdict(t) for t in tests], "lr_vs_drop": lr, "validation_gap": gaps,
-              "summary": _summary(lbv, drops, tests, lr, gaps)}
+              "summary": _summary(lbv, drops, tests, lr, gaps), "guard": guard_summary(records)}
     path = run_dir / "diagnostics.json"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(result, indent=1, allow_nan=False), encoding="utf-8")
@@ -299,6 +301,8 @@ def diagnose(run_dir: str | Path) -> dict:
 def format_diagnostics(d: dict) -> str:
     """The diagnostics as plain text for a terminal: the summary, loss by view, and the boundary tests."""
     lines = ["Memorization diagnostics"] + [f"  - {s}" for s in d["summary"]]
+    if d.get("guard"):
+        lines += ["", "Retention guard"] + [f"  - {s.removeprefix('Retention guard: ')}" for s in d["guard"]]
     if d["loss_by_view"]:
         lines += ["", "Loss by view (token-weighted, nats; 95% CI over documents)",
                   f"  {'source':<16}{'view':>5}{'loss':>9}{'95% CI':>20}{'docs':>9}"]

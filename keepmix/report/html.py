@@ -4,8 +4,8 @@ Contract: `render_report([run])` writes `<run>/report.html` (and the run's plots
 `render_report([a, b, ...], out)` overlays the runs in the same plots and puts their tables side by side,
 writing `out` (default `<a>/compare.html`). The file makes no external request: images are base64 data
 URIs, the CSS is inline, there is no script. It shows the config summary (from `<run>/config.yaml`), the
-verdict (retention table at the last eval, flagged rows highlighted, a learned-vs-forgot line), the plots,
-the memorization summary when `<run>/diagnostics.json` exists, and the timing; a run without an `end`
+verdict (retention table at the last eval, flagged rows highlighted, a learned-vs-forgot line), what the
+retention guard did (one sentence per intervention, when the run has a guard), the plots, the memorization summary when `<run>/diagnostics.json` exists, and the timing; a run without an `end`
 record is reported as such. Every run directory needs a metrics.jsonl; the rest is optional.
 """
 
@@ -245,6 +245,18 @@ def _plots_block(images: dict[str, bytes]) -> str:
     return "".join(figures) or '<p class="note">No training or eval records yet: nothing to plot.</p>'
 
 
+def _guard_block(runs: list[RunData]) -> str:
+    """One sentence per intervention of the retention guard; nothing when no run has a guard."""
+    from keepmix.data.guard import guard_summary
+
+    lines = [guard_summary(r.records) for r in runs]
+    if not any(lines):
+        return ""
+    blocks = ["<ul>" + "".join(f"<li>{esc(line)}</li>" for line in found) + "</ul>" if found
+              else '<p class="note">No retention guard in this run.</p>' for found in lines]
+    return "<section><h2>Retention guard</h2>" + _side_by_side(runs, blocks) + "</section>"
+
+
 def _diagnostics_block(runs: list[RunData]) -> str:
     blocks = []
     for run in runs:
@@ -299,6 +311,10 @@ def _mixture_table(mixture: dict, names: list[str]) -> str:
     notes = [f"interpolation: {mixture.get('interpolation', 'linear')}", f"floor: {fmt(mixture.get('floor', 0.0))}"]
     for point in mixture.get("quality") or []:
         notes.append(f"quality ≥ {fmt(point.get('min'))} at t={fmt(point.get('at'))}")
+    guard = mixture.get("guard")
+    if guard:
+        notes.append("guard: " + ", ".join(f"{k}={fmt(v) if not isinstance(v, list) else '/'.join(v)}"
+                                           for k, v in guard.items() if v is not None))
     note = f'<p class="note">{esc("; ".join(notes))}</p>'
     if not schedule:
         return '<p class="note">No schedule: each source in proportion to its tokens.</p>' + note
@@ -340,6 +356,7 @@ def _page(runs: list[RunData], images: dict[str, bytes]) -> str:
     body = [
         f"<header><h1>{esc(title)}</h1><p class=\"sub\">{esc(dirs)} · rendered {esc(generated)}</p></header>",
         "<section><h2>Verdict</h2>" + _verdict_block(runs) + "</section>",
+        _guard_block(runs),
         "<section><h2>Timing</h2>" + _timing_block(runs) + "</section>",
         "<section><h2>Plots</h2>" + _plots_block(images) + "</section>",
         _diagnostics_block(runs),

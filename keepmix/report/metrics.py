@@ -153,7 +153,7 @@ def metric_keys(records: list[dict], prefix: str = "") -> list[str]:
 
 
 def share_series(records: list[dict], field: str, sources: list[str]) -> tuple[list[int], dict[str, list[float]]]:
-    """Mixture shares per step from `planned`, `realized` or `realized_cum`; a source absent from a step
+    """Mixture shares per step from `planned`, `guarded`, `realized` or `realized_cum`; a source absent from a step
     has share 0 in that step (shares are defined for every source)."""
     steps, shares = [], {s: [] for s in sources}
     for r in of_kind(records, "train"):

@@ -28,7 +28,8 @@ CAPTIONS = {
     "eval); dotted verticals mark where a source's next epoch begins.",
     "token_acc": "Token accuracy per source, training and validation.",
     "mixture": "Data mixture: realized share of each source (stacked area, moving average over steps) "
-    "against the planned schedule (dashed: the planned edge of each band).",
+    "against the planned schedule (dashed: the planned edge of each band) and, with a retention guard, "
+    "the guarded plan it drew from (dotted).",
     "lr": "Learning rate.",
     "retention": "Retention at the last eval: how much better each metric is than at the baseline, in "
     "its tolerance's unit (points for scores, % of the baseline for losses); red = worse by more than "
@@ -206,6 +207,13 @@ def _mixture(runs: list[PlotRun], sources: list[str]) -> Figure | None:
             edge = edge + np.asarray(plan[source])
             ax.plot(steps, edge, color=color, ls="--", lw=1.8, gid=f"planned:{run.label}:{source}",
                     label=f"{source} (planned edge)")
+        guard_steps, guarded = m.share_series(run.records, "guarded", sources)
+        if guard_steps:
+            edge = np.zeros(len(guard_steps))
+            for source, color in zip(sources[:-1], colors):
+                edge = edge + np.asarray(guarded[source])
+                ax.plot(guard_steps, edge, color=color, ls=":", lw=2.2, gid=f"guarded:{run.label}:{source}",
+                        label=f"{source} (guarded edge)")
         ax.set_ylim(0, 1)
         ax.set_xlim(steps[0], steps[-1])
         ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))

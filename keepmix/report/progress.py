@@ -91,7 +91,15 @@ def train_line(record: dict, total_steps: int | None, eta_s: float | None) -> st
              f"loss {loss_text(record.get('loss'))} acc {pct(record.get('token_acc'))}"]
     per_source = " ".join(f"{name} {loss_text(e.get('loss'))}/{pct(e.get('token_acc'))}"
                           for name, e in (record.get("sources") or {}).items())
-    return " | ".join(parts + ([per_source] if per_source else []))
+    return " | ".join(parts + ([per_source] if per_source else []) + guard_text(record))
+
+
+def guard_text(record: dict) -> list[str]:
+    """['guard: code 21.0% (plan 12.5%)'] while the guard raises a source above the plan, else []."""
+    guarded, planned = record.get("guarded") or {}, record.get("planned") or {}
+    raised = [f"{name} {pct(share)} (plan {pct(planned.get(name))})" for name, share in guarded.items()
+              if share > planned.get(name, 0.0) + 1e-9 and name in (record.get("guard") or {}).get("boost", {})]
+    return ["guard: " + ", ".join(raised)] if raised else []
 
 
 def eval_line(record: dict) -> str:
@@ -303,17 +311,27 @@ class RichProgress(Progress):
         metrics, retention = evaluation.get("metrics") or {}, evaluation.get("retention") or {}
         eval_at = f" @ {evaluation['step']}" if evaluation else ""
         table = Table(box=None, padding=(0, 1), header_style="bold")
-        for column in ("source", "train loss", "train acc", f"valid loss{eval_at}", "valid acc", "planned",
-                       "realized (cum)", "epoch"):
+        guarded = record.get("guarded")  # with a retention guard: planned vs guarded share
+        columns = ["source", "train loss", "train acc", f"valid loss{eval_at}", "valid acc", "planned",
+                   *(["guarded", "guard signal"] if guarded is not None else []), "realized (cum)", "epoch"]
+        for column in columns:
             table.add_column(column, justify="left" if column == "source" else "right")
         for name in self.sources:
             entry = self.by_source.get(name, {})
             cells = [name, loss_text(entry.get("loss")), pct(entry.get("token_acc"))]
+            planned = (record.get("planned") or {}).get(name)
+            guard_cells = []
+            if guarded is not None:
+                share = guarded.get(name)
+                raised = share is not None and planned is not None and share > planned + 1e-9
+                guard_cells = [Text(pct(share), style="bold yellow" if raised else ""),
+                               Text(_signal_text((record.get("guard") or {}), name))]
             table.add_row(
                 *map(Text, cells),
                 _with_delta(metrics, retention, f"valid/{name}/loss", loss_text),
                 Text(pct(metrics.get(f"valid/{name}/token_acc"))),
-                Text(pct((record.get("planned") or {}).get(name))),
+                Text(pct(planned)),
+                *guard_cells,
                 Text(pct((record.get("realized_cum") or {}).get(name))),
                 Text(f"{(record.get('epoch') or {}).get(name, 0.0):.2f}"),
             )
@@ -324,6 +342,16 @@ class RichProgress(Progress):
                 Text(k.removeprefix("task/") + " ") + _with_delta(metrics, retention, k, lambda v: f"{v:.3f}")
                 for k in tasks))
         return Group(*parts)
+
+
+def _signal_text(guard: dict, name: str) -> str:
+    """A protected source's last probe against its baseline: '-2.4 pts @ 40' (or '+3.1 % @ 40' for loss)."""
+    signal = (guard.get("signal") or {}).get(name)
+    if not signal:
+        return ""
+    behind = signal["behind"]
+    unit = f"{100 * behind:+.1f} %" if guard.get("metric") == "loss" else f"{-100 * behind:+.1f} pts"
+    return f"{unit} @ {signal['step']}"
 
 
 def _with_delta(metrics: dict, retention: dict, key: str, show: Callable):

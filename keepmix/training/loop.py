@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from keepmix.config import RunConfig, load_config
-from keepmix.data.build import build_sampler, prepare_sources
+from keepmix.data.build import build_sampler, guard_probes, prepare_sources
 from keepmix.data.packing import build_rows, count_tokens
 from keepmix.data.mixture import rows_for_rank
 from keepmix.diagnostics.exposures import ExposureWriter
@@ -65,6 +65,7 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
     names = [src.name for src in sources]
     train_docs = [src.train for src in sources]
     sampler = build_sampler(cfg, sources)
+    guard, probes = sampler.guard, guard_probes(cfg, sources)
     base = s.frozen_base()  # the starting model's distribution, for KL terms and the kl_to_base metric
     loss_model = s.wrap(LossModel(s.model, t.loss_impl, base))  # DDP or FSDP, compiled on request
     params = [p for p in loss_model.parameters() if p.requires_grad]
@@ -94,16 +95,27 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
         metrics.update(s.run_tasks())
         s.log_eval(metrics)
 
+    def check_guard() -> float:
+        """The guard's check: score its probe (reduced over processes: the same decision everywhere)."""
+        clock = time.perf_counter()
+        metrics = validation_metrics(loss_model, probes, seq_len=t.seq_len, batch_size=cfg.eval.batch_size,
+                                     pad_id=pad_id, device=acc.device, rank=rank, world_size=world,
+                                     reduce=acc.reduce, lockstep=s.fsdp)
+        guard.observe(state.step, {name: metrics[f"valid/{name}/{guard.metric}"] for name, _ in probes})
+        return time.perf_counter() - clock
+
     s.progress.start(t.steps, state.step, names, title=f"keepmix train → {s.run_dir}")
     if state.step == 0:  # the baseline: every retention figure is relative to it
         if s.reused_baseline is None:
             evaluate()
         else:
             s.log_eval(s.reused_baseline)
+    if guard is not None and state.step == 0:  # the guard's baseline: the probe before any update
+        check_guard()  # (a resumed run has it in its checkpoint, with every check up to that step)
     step_start = time.perf_counter()
     while state.step < t.steps:
         # ---- plan the global batch; this process builds only its rows -------------------------------
-        plans, planned, passes = sampler.plan()
+        plans, shares, passes = sampler.plan()  # shares: planned, or guarded
         for src, p in passes:
             s.log({"kind": "epoch", "source": names[src], "epoch": p, "step": state.step + 1})
         real_tokens, n_targets = count_tokens(plans, train_docs)  # of the whole global batch
@@ -151,8 +163,10 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
         state.tokens_seen += real_tokens
         # ---- metrics and the exposure log --------------------------------------------------------
         totals = RowStats.split(acc.reduce(stats.vector().to(acc.device)).cpu(), len(sources))
-        s.log_train(totals, names, planned, lr, float(grad_norm), real_tokens,
-                    time.perf_counter() - step_start, sampler, betas=betas if kl_on else None, l2=l2)
+        seconds = time.perf_counter() - step_start
+        probe_s = check_guard() if guard is not None and guard.due(state.step) else None
+        s.log_train(totals, names, shares, lr, float(grad_norm), real_tokens, seconds, sampler, probe_s,
+                    betas=betas if kl_on else None, l2=l2)
         s.add_exposures(exposures, segments, stats, names, lr)
         # ---- evals and checkpoints ---------------------------------------------------------------
         final = state.step == t.steps

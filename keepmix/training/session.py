@@ -294,9 +294,9 @@ class Session:
                if self._found and self._found.damaged else {}),
         })
 
-    def log_train(self, totals: dict, names: list[str], planned: np.ndarray, lr: float, grad_norm: float,
-                  tokens: int, seconds: float, sampler, betas: torch.Tensor | None = None,
-                  l2: float | None = None) -> None:
+    def log_train(self, totals: dict, names: list[str], weights: np.ndarray, lr: float, grad_norm: float,
+                  tokens: int, seconds: float, sampler, probe_s: float | None = None,
+                  betas: torch.Tensor | None = None, l2: float | None = None) -> None:
         st = self.state
         n_tokens = float(totals["tokens"].sum())
         rows = totals["rows"]
@@ -314,11 +314,16 @@ class Session:
                        "tokens": int(totals["tokens"][i]), "rows": int(rows[i])}
                 for i, name in enumerate(names) if rows[i] > 0
             },
-            "planned": {name: float(planned[i]) for i, name in enumerate(names)},
+            "planned": {name: float(weights[i]) for i, name in enumerate(names)},
             "realized": {name: float(rows[i] / rows.sum()) for i, name in enumerate(names)},
             "realized_cum": {name: float(cum[i]) for i, name in enumerate(names)},
             "epoch": {name: round(sampler.streams[i].passes_done, 4) for i, name in enumerate(names)},
         }
+        if sampler.guard is not None:  # planned = the schedule's shares, guarded = the ones drawn from
+            g = sampler.guard
+            record["planned"] = {name: float(g.last_planned[i]) for i, name in enumerate(names)}
+            record["guarded"] = {name: float(weights[i]) for i, name in enumerate(names)}
+            record["guard"] = {**g.record(), "probe_s": probe_s}
         if betas is not None or l2 is not None:
             # the objective's terms, in the loss's unit (per target token), so that they add up
             kl_term = float((betas.double() * totals["kl"]).sum()) / max(n_tokens, 1.0) if betas is not None else 0.0

@@ -211,3 +211,28 @@ def test_messages_before_start_are_fine(records, mode):
         assert stream.getvalue().startswith("sql: 2400 documents tokenized\n")
     if mode == "notebook":
         assert "sql: 2400 documents tokenized" in shown[0]
+
+
+GUARDED = {"kind": "train", "step": 44, "time": 10.0, "tokens_per_s": 2100.0, "lr": 1e-4, "loss": 2.5, "token_acc": 0.4,
+           "sources": {"code": {"loss": 1.5, "token_acc": 0.5}},
+           "planned": {"general": 0.125, "code": 0.125, "sql": 0.75},
+           "guarded": {"general": 0.125, "code": 0.21, "sql": 0.665},
+           "guard": {"metric": "token_acc", "tolerance": 0.02, "boost": {"general": 0.0, "code": 0.085},
+                     "signal": {"general": {"step": 40, "baseline": 0.4, "now": 0.401, "behind": -0.001},
+                                "code": {"step": 40, "baseline": 0.58, "now": 0.556, "behind": 0.024}}}}
+
+
+def test_a_guarded_run_shows_planned_vs_guarded_share():
+    assert train_line(GUARDED, 100, None).endswith("| code 1.500/50.0% | guard: code 21.0% (plan 12.5%)")
+    progress = RichProgress(io.StringIO())
+    progress.start(100, 0, SOURCES, "guarded")
+    progress.train(GUARDED)
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=160, color_system=None)
+    console.print(progress.render())
+    progress.close()
+    text = console.file.getvalue()
+    assert "guarded" in text and "guard signal" in text
+    code_row = next(line for line in text.splitlines() if line.strip().startswith("code"))
+    assert "12.5%" in code_row and "21.0%" in code_row and "-2.4 pts @ 40" in code_row

@@ -178,3 +178,19 @@ def test_kl_and_l2_to_base_under_two_processes_equal_one(make_run):
     for key in ("loss", "kl_term", "l2_term", "objective"):
         assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-4, abs=1e-6), key
     assert any(r["kl_term"] > 0 for r in a) and a[-1]["l2_term"] > 0
+
+
+def test_two_processes_take_the_guards_decisions_of_one(make_run, general_model):
+    """The probe's sums are reduced over processes before the guard decides: both processes draw the same
+    guarded plan, and it is the plan one process draws."""
+    from tests.conftest import deep_update, forgetting_run
+
+    guard = {"sources": ["general"], "every": 2, "probe_docs": 10, "max_share": 0.5, "gain": 0.25}
+    cfg = deep_update(forgetting_run(general_model, guard), {"train": {"steps": 12, "batch_size": 4}})
+    one, two = make_run("one", **cfg), make_run("two", **cfg)
+    launch(one, 1)
+    launch(two, 2)
+    a, b = one.parent / "out", two.parent / "out"
+    assert exposures(a) == exposures(b)  # the same rows from the same sources, step by step
+    ga, gb = ([r["guarded"]["general"] for r in train_records(x)] for x in (a, b))
+    assert gb == pytest.approx(ga, abs=1e-6) and max(ga) > 0

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import keepmix
 from keepmix.errors import NonFiniteLossError
-from tests.conftest import train_records
+from tests.conftest import deep_update, forgetting_run, train_records
 
 LORA = {"model": {"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}}}
 
@@ -83,9 +83,13 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
 
 
 @pytest.mark.slow
-def test_sigkilled_run_resumes_bit_identical(make_run):
+@pytest.mark.parametrize("variant", ["plain", "guarded"])
+def test_sigkilled_run_resumes_bit_identical(make_run, variant, request):
     # long enough that the kill lands mid-training: 40 steps, checkpoints every 5
     cfg = {"train": {"steps": 40, "checkpoint_every": 5}, "eval": {"every": 20}}
+    if variant == "guarded":  # a model that forgets, and a guard that acts (every 2 steps) around the kill
+        guard = {"sources": ["general"], "every": 2, "probe_docs": 10, "max_share": 0.5, "gain": 0.25}
+        cfg = deep_update(forgetting_run(request.getfixturevalue("general_model"), guard), cfg)
     whole, killed = make_run("whole", **cfg), make_run("killed", **cfg)
     keepmix.train(whole, progress="quiet")
     proc = _run_cli(killed)
@@ -100,6 +104,10 @@ def test_sigkilled_run_resumes_bit_identical(make_run):
     assert starts[0]["resumed_from"] is None and starts[-1]["resumed_from"] in (5, 10)
     assert losses(killed.parent / "out") == losses(whole.parent / "out")
     assert_same_weights(final_weights(whole.parent / "out"), final_weights(killed.parent / "out"))
+    if variant == "guarded":
+        shares = [r["guarded"] for r in train_records(killed.parent / "out")]
+        assert shares == [r["guarded"] for r in train_records(whole.parent / "out")]
+        assert len({s["general"] for s in shares}) > 2  # the guard moved the shares
 
 
 def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(make_run):
