@@ -220,3 +220,46 @@ def test_config_accepts_the_kind_and_refuses_unknown_keys():
                            ({"tasks": ["a"], "num_fewshot": -1}, "greater than or equal to 0")]:
         with pytest.raises(ValidationError, match=message):
             tasks.validate_python([{"name": "x", "kind": "lm_eval", **entry}])
+
+
+def test_in_a_lora_run_and_in_keepmix_eval(make_run):
+    """Baseline, every eval and the end, on the LoRA model as it trains (the adapter active: the
+    perplexity moves, while a frozen base would not), equal to keepmix's own scorer at every eval; the
+    harness's directions in the recorded retention; `keepmix eval` gives the run's own numbers."""
+    from keepmix.eval.runner import evaluate
+    from keepmix.training.loop import train
+    from tests.conftest import train_records
+
+    config = make_run()
+    folder = config.parent
+    write_jsonl(folder / "mc.jsonl", MC_ROWS[:12])
+    task_yaml(folder / "harness", "local_mc", folder / "mc.jsonl", **MC_YAML)
+    write_jsonl(folder / "text.jsonl", [{"text": " ".join(WORDS[i:i + 8])} for i in range(6)])
+    rolling_yaml(folder / "harness", folder / "text.jsonl")
+    tasks = [{"name": "mc", "kind": "multiple_choice", "path": "mc.jsonl"},
+             {"name": "probe", "kind": "lm_eval", "tasks": ["local_mc", "local_ppl"], "include_path": "harness",
+              "tolerance": 0.5}]
+    config = make_run(model={"lora": {"r": 4, "alpha": 8, "target_modules": "all-linear", "merge": True}},
+                      train={"steps": 4, "checkpoint_every": 4, "lr": 3e-2}, eval={"every": 2, "tasks": tasks})
+    result = train(config, progress="quiet")
+    evals = train_records(folder / "out", "eval")
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    for e in evals:
+        m = e["metrics"]
+        assert m["task/probe/local_mc/acc"] == m["task/mc/acc"]
+        assert m["task/probe/local_mc/acc_norm"] == m["task/mc/acc_norm"]
+        assert m["task/probe/local_mc/n"] == 12 and "task/probe/local_mc/acc_stderr" in m
+    bpb = "task/probe/local_ppl/bits_per_byte"
+    assert evals[-1]["metrics"][bpb] != evals[0]["metrics"][bpb]
+    row = result.retention[bpb]
+    assert row["higher_is_better"] is False and row["tolerance"] == 0.5
+    assert result.retention["task/probe/local_mc/acc"]["higher_is_better"] is True
+    assert not any(k.endswith("_stderr") for k in result.retention)
+    end = train_records(folder / "out", "end")[-1]
+    assert end["summary"].startswith("task: mc/acc")  # the probes measure retention; they are not the target
+
+    table = evaluate(config, ["base", str(result.final_dir)])
+    harness_keys = [k for k in evals[0]["metrics"] if k.startswith("task/probe/")]
+    assert {k: table["base"][k] for k in harness_keys} == {k: evals[0]["metrics"][k] for k in harness_keys}
+    for key in harness_keys:
+        assert table[str(result.final_dir)][key] == pytest.approx(evals[-1]["metrics"][key], rel=1e-5, abs=1e-6)
