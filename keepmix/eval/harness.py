@@ -3,8 +3,9 @@
 Contract:
   - `prepare(task, base_dir)` checks and loads the harness tasks of one `lm_eval` task config, once per
     process (the result is kept, so later evals reuse the loaded documents): the extra is installed; every
-    `include_path` folder exists and every YAML in it parses (the harness itself skips a broken file
-    silently, which would then surface as an unknown task); every metric a local task YAML lists is one
+    `include_path` folder and every YAML file named in `tasks` exists, and every YAML in them parses (the
+    harness itself skips a broken file silently, which would then surface as an unknown task); every
+    metric a local task YAML lists is one
     the harness knows (the harness would otherwise try to fetch it from the hub); every name in `tasks`
     is a harness task, group, tag or YAML file; the tasks load (a hub task downloads its data here); and
     every name in `metrics` is one the loaded tasks produce. Each problem is a `KeepmixError` naming the
@@ -93,24 +94,32 @@ def _include_paths(task: LmEvalTask, base_dir: Path) -> list[Path]:
     return paths
 
 
-def _local_configs(paths: list[Path]) -> list[tuple[Path, dict]]:
-    """Every task YAML under the folders, parsed (includes merged) as the harness parses it; a file that
-    is not YAML is an error, a YAML that is not a task (no `task`/`group` key) is left out."""
+def _parse(path: Path) -> dict | None:
+    """A task YAML parsed (includes merged) as the harness parses it; None for a YAML that is not a task
+    (no `task`/`group` key); a KeepmixError for a file that does not parse."""
     import yaml
     from lm_eval.tasks._yaml_loader import load_yaml
 
+    try:
+        cfg = load_yaml(path, resolve_func=False)
+    except (yaml.YAMLError, OSError) as err:
+        raise KeepmixError(f"{path}: the task YAML does not parse: {' '.join(str(err).split())}") from None
+    except ValueError:
+        return None  # not a mapping: not a task file
+    return cfg if "task" in cfg or "group" in cfg else None
+
+
+def _local_configs(paths: list[Path], files: list[Path]) -> list[tuple[Path, dict]]:
+    """Every task YAML under the folders and every named one, parsed; all that do not parse, together."""
     configs, problems = [], []
-    for root in paths:
-        for path in sorted(root.glob("**/*.yaml")):
-            try:
-                cfg = load_yaml(path, resolve_func=False)
-            except (yaml.YAMLError, OSError) as err:
-                problems.append(f"{path}: the task YAML does not parse: {' '.join(str(err).split())}")
-                continue
-            except ValueError:
-                continue  # not a mapping: not a task file
-            if isinstance(cfg, dict) and ("task" in cfg or "group" in cfg):
-                configs.append((path, cfg))
+    for path in [p for root in paths for p in sorted(root.glob("**/*.yaml"))] + files:
+        try:
+            cfg = _parse(path)
+        except KeepmixError as err:
+            problems.append(str(err))
+            continue
+        if cfg is not None:
+            configs.append((path, cfg))
     raise_all(problems, "the task YAMLs")
     return configs
 
@@ -136,23 +145,29 @@ def _specs(task: LmEvalTask, base_dir: Path) -> list[str]:
     """The requested names, a YAML file among them made absolute against the config's folder."""
     out = []
     for name in task.tasks:
-        path = Path(base_dir) / Path(name).expanduser()
-        out.append(str(path.resolve()) if name.endswith((".yaml", ".yml")) and path.is_file() else name)
+        if not name.endswith((".yaml", ".yml")):
+            out.append(name)
+            continue
+        path = (Path(base_dir) / Path(name).expanduser()).resolve()
+        if not path.is_file():
+            raise KeepmixError(f"tasks: task YAML file not found: {path}")
+        out.append(str(path))
     return out
 
 
 def _task_manager(specs: list[str], paths: list[Path]):
-    """A TaskManager over the include_path folders alone when they hold every requested name (indexing the
-    harness's own ~15,000 task files takes seconds), else over them and the harness's tasks."""
+    """A TaskManager over the include_path folders alone when they hold every requested name and no named
+    YAML file is a group (indexing the harness's own ~15,000 task files takes seconds), else over them and
+    the harness's tasks."""
     from lm_eval.tasks import TaskManager
 
     def unknown(manager) -> list[str]:
         return [n for n in specs if n not in manager.all_tasks and not Path(n).is_absolute()]
 
-    if paths:
-        local = TaskManager(include_path=[str(p) for p in paths], include_defaults=False)
-        if not unknown(local):
-            return local
+    files = [Path(n) for n in specs if Path(n).is_absolute()]
+    local = TaskManager(include_path=[str(p) for p in paths] or None, include_defaults=False)
+    if not unknown(local) and not any("group" in (_parse(f) or {}) for f in files):
+        return local
     manager = TaskManager(include_path=[str(p) for p in paths] or None)
     for name in unknown(manager):
         near = difflib.get_close_matches(name, manager.all_tasks, n=3)
@@ -195,8 +210,8 @@ def _load(task: LmEvalTask, base_dir: Path) -> Prepared:
     from lm_eval.defaults import DEFAULT_OTHER_SEED
 
     paths = _include_paths(task, base_dir)
-    _check_metric_names(_local_configs(paths))
     specs = _specs(task, base_dir)
+    _check_metric_names(_local_configs(paths, [Path(n) for n in specs if Path(n).is_absolute()]))
     manager = _task_manager(specs, paths)
     try:
         loaded = manager.load(specs)

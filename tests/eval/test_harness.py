@@ -185,6 +185,8 @@ def bad_setup(tmp_path: Path, case: str) -> tuple[LmEvalTask, str]:
         return lm_eval_task("bad", ["typo_mc"], include_path="tasks"), r"typo_mc\.yaml: harness task 'typo_mc' lists metric 'acc_nrom', which lm-evaluation-harness does not produce"
     if case == "metric not produced":
         return lm_eval_task("bad", ["local_mc"], include_path="tasks", metrics=["exact_match"]), r"metrics: 'exact_match' is not a metric these harness tasks produce \(they produce: acc, acc_norm\)"
+    if case == "missing task file":
+        return lm_eval_task("bad", ["tasks/absent.yaml"]), r"tasks: task YAML file not found: .*absent\.yaml"
     if case == "missing include_path":
         return lm_eval_task("bad", ["local_mc"], include_path="nowhere"), r"include_path: folder not found: .*nowhere"
     if case == "missing data file":
@@ -194,7 +196,8 @@ def bad_setup(tmp_path: Path, case: str) -> tuple[LmEvalTask, str]:
 
 
 @pytest.mark.parametrize("case", ["unknown task", "yaml does not parse", "unknown metric in yaml",
-                                  "metric not produced", "missing include_path", "missing data file"])
+                                  "metric not produced", "missing task file", "missing include_path",
+                                  "missing data file"])
 def test_bad_task_lists_fail_at_check_naming_the_task(tmp_path, case):
     task, message = bad_setup(tmp_path, case)
     with pytest.raises(KeepmixError, match=r"eval.tasks\[0\] \(bad\): (\S*/)?" + message):
@@ -327,3 +330,10 @@ def test_two_processes_give_the_one_process_numbers(make_run, sharded):
         probe = {k: v for k, v in y["metrics"].items() if k.startswith("task/probe/")}
         assert "task/probe/local_ppl/bits_per_byte" in probe and "task/probe/local_mc/acc" in probe
         assert probe == pytest.approx({k: x["metrics"][k] for k in probe}, rel=1e-4)
+
+
+def test_a_task_yaml_file_can_be_named_directly(tmp_path, model, tokenizer):
+    task_yaml(tmp_path / "tasks", "local_mc", write_jsonl(tmp_path / "mc.jsonl", MC_ROWS[:6]), **MC_YAML)
+    got = run_task(lm_eval_task("direct", ["tasks/local_mc.yaml"]), model, tokenizer, base_dir=tmp_path,
+                   device="cpu", batch_size=4)
+    assert got["local_mc/n"] == 6 and "local_mc/acc_norm" in got
