@@ -337,3 +337,17 @@ def test_a_task_yaml_file_can_be_named_directly(tmp_path, model, tokenizer):
     got = run_task(lm_eval_task("direct", ["tasks/local_mc.yaml"]), model, tokenizer, base_dir=tmp_path,
                    device="cpu", batch_size=4)
     assert got["local_mc/n"] == 6 and "local_mc/acc_norm" in got
+
+
+def test_a_bad_task_list_stops_a_run_before_anything_is_written(make_run):
+    from keepmix.config import load_config
+    from keepmix.training.loop import train
+
+    config = make_run(eval={"tasks": [{"name": "probe", "kind": "lm_eval", "tasks": ["no_such_task"],
+                                       "include_path": "."}]})
+    with pytest.raises(KeepmixError, match=r"eval.tasks\[0\] \(probe\): 'no_such_task' is not an lm-evaluation"):
+        train(config, progress="quiet")
+    assert not (config.parent / "out").exists()
+    bad = make_run("bad", eval={"tasks": [{"name": "probe", "kind": "lm_eval", "tasks": ["x"], "limt": 5}]})
+    with pytest.raises(KeepmixError, match=r"eval\.tasks\[0\]\.limt: unknown key"):
+        load_config(bad)
