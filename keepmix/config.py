@@ -244,7 +244,7 @@ class EvalConfig(_Strict):
         None, description="A run whose step-0 eval to reuse as the baseline (same model, data and eval; checked)."
     )
     tasks: list[Annotated[TaskConfig, Field(discriminator="kind")]] = Field(
-        default_factory=list, description="Task evaluators (multiple_choice, generation, sql_execution)."
+        default_factory=list, description="Task evaluators (multiple_choice, generation, sql_execution, lm_eval)."
     )
 
 
@@ -294,7 +294,7 @@ def _key_path(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("multiple_choice", "generation", "sql_execution", "function-after"):
+        elif part in ("multiple_choice", "generation", "sql_execution", "lm_eval", "function-after"):
             continue  # pydantic's union-branch tags are not user keys
         else:
             out += f".{part}" if out else str(part)
@@ -623,6 +623,8 @@ def config_to_dict(cfg: RunConfig) -> dict:
         for field in ("path", "database"):
             if data["eval"]["tasks"][i].get(field):
                 data["eval"]["tasks"][i][field] = cfg.resolve(getattr(task, field))
+        if getattr(task, "include_path", None):
+            data["eval"]["tasks"][i]["include_path"] = [cfg.resolve_local(p) for p in task.include_path]
     data["output"] = cfg.resolve_local(cfg.output)
     if cfg.eval.baseline_from:
         data["eval"]["baseline_from"] = cfg.resolve_local(cfg.eval.baseline_from)

@@ -1,9 +1,12 @@
 """Retention: every metric now against the baseline (the model before its first step), flagged past a tolerance.
 
 Contract:
-  - Direction comes from the metric name: a name whose last path part is `loss` or `ppl` is
-    lower-is-better; every other metric is higher-is-better. Counts (last part `n`) are skipped, and so
-    are metrics missing from either side, and `kl_to_base` (drift from the base: 0 at the baseline by
+  - Direction: a metric's own declaration where there is one — `directions` maps a metric path prefix
+    to {metric name: higher_is_better} (lm-evaluation-harness tasks declare theirs; the longest matching
+    prefix wins and the metric name is the key's last path part) — else the metric name: a name whose
+    last path part is `loss` or `ppl` is lower-is-better; every other metric is higher-is-better.
+    Counts (last part `n`) and standard errors (last part ending in `_stderr`) are skipped, and so are
+    metrics missing from either side, and `kl_to_base` (drift from the base: 0 at the baseline by
     definition, so no tolerance relative to it means anything; `drift_line` shows it beside the table).
   - Tolerance is absolute for higher-is-better metrics (0.02 = 2 points of accuracy) and relative for
     loss/ppl (0.02 = 2 % worse than the baseline).
@@ -30,18 +33,29 @@ def _last_part(key: str) -> str:
     return key.rsplit("/", 1)[-1]
 
 
-def higher_is_better(key: str) -> bool:
-    """False for metrics whose last path part is `loss` or `ppl`, True otherwise."""
-    return _last_part(key) not in LOWER_IS_BETTER
+def is_score(key: str) -> bool:
+    """Whether a metric is a score with a tolerance (not a count `n`, a standard error `..._stderr` or the
+    drift `kl_to_base`)."""
+    last = _last_part(key)
+    return last not in SKIPPED and not last.endswith("_stderr")
 
 
-def _tolerance_for(key: str, tolerance: float, overrides: dict[str, float]) -> float:
-    best, best_len = tolerance, -1
-    for prefix, value in overrides.items():
+def _longest_prefix(key: str, by_prefix: dict, default):
+    best, best_len = default, -1
+    for prefix, value in by_prefix.items():
         matches = key == prefix or key.startswith(prefix.rstrip("/") + "/")
         if matches and len(prefix) > best_len:
             best, best_len = value, len(prefix)
     return best
+
+
+def higher_is_better(key: str, directions: dict[str, dict[str, bool]] | None = None) -> bool:
+    """The direction `directions` declares for the metric, else False for a last path part `loss` or
+    `ppl` and True otherwise."""
+    declared = _longest_prefix(key, directions or {}, {}).get(_last_part(key))
+    if declared is not None:
+        return bool(declared)
+    return _last_part(key) not in LOWER_IS_BETTER
 
 
 def worsening(entry: dict) -> float:
@@ -59,20 +73,21 @@ def compute_retention(
     now: dict[str, float],
     tolerance: float,
     per_metric_tolerance: dict[str, float] | None = None,
+    directions: dict[str, dict[str, bool]] | None = None,
 ) -> dict[str, dict]:
     """Per-metric {baseline, now, delta, higher_is_better, tolerance, flagged}; see the module doc."""
     overrides = per_metric_tolerance or {}
     out = {}
     for key in sorted(baseline):
-        if key not in now or _last_part(key) in SKIPPED:
+        if key not in now or not is_score(key):
             continue
         b, n = float(baseline[key]), float(now[key])
         entry = {
             "baseline": b,
             "now": n,
             "delta": n - b,
-            "higher_is_better": higher_is_better(key),
-            "tolerance": _tolerance_for(key, tolerance, overrides),
+            "higher_is_better": higher_is_better(key, directions),
+            "tolerance": _longest_prefix(key, overrides, tolerance),
         }
         # The epsilon keeps 0.50 -> 0.48 at tolerance 0.02 within it despite binary floating point.
         entry["flagged"] = bool(worsening(entry) > entry["tolerance"] + _EPS)

@@ -1,7 +1,8 @@
 """Task evaluators as configured under `eval.tasks`, and `run_task` that runs one of them.
 
 Contract: `TaskConfig` is the union of the task kinds, told apart by `kind` (the config wraps it in a
-discriminator on that field): `multiple_choice`, `generation`, `sql_execution`. (The `token_accuracy`
+discriminator on that field): `multiple_choice`, `generation`, `sql_execution`, and `lm_eval`
+(lm-evaluation-harness tasks, run by `keepmix.eval.harness`, an optional extra). (The `token_accuracy`
 figures come from the training loop's validation pass, not from here.) Unknown keys are errors.
 `load_items` reads a task's items (`keepmix.data.sources.read_records`), keeps the first `limit` and
 checks every item — a missing or mistyped field, or a gold index out of range, is a `KeepmixError`
@@ -11,6 +12,8 @@ task's metrics without the `task/<name>/` prefix:
   multiple_choice  {acc, acc_norm, acc_bytes, n}
   generation       {exact_match, n}
   sql_execution    {acc, acc/<group>..., n}
+  lm_eval          {<lm-eval task>/<metric>, <lm-eval task>/<metric>_stderr, <lm-eval task>/n, ...}
+                   (see keepmix.eval.harness; `check_tasks` also loads and checks its harness tasks)
 Relative paths (items, database) resolve against `base_dir`, the config file's folder; a path that is
 not found there and does not look like a file stays as it is (a hub dataset id). The batch size is the
 task's own `batch_size`, else the `batch_size` argument (the eval-wide one), else 8.
@@ -41,16 +44,12 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _LOCAL_SUFFIXES = {".jsonl", ".ndjson", ".json", ".parquet", ".sqlite", ".sqlite3", ".db"}
 
 
-class _Task(BaseModel):
+class _Named(BaseModel):
+    """What every task kind has: a name, a batch size and a retention tolerance."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="Task name (letters, digits, _ . -); its metrics are task/<name>/<metric>.")
-    path: str = Field(
-        description="Items: a JSONL / JSON / Parquet file, a dataset saved with save_to_disk, or a hub dataset id."
-    )
-    hf_config: str | None = Field(None, description="Hub dataset configuration name.")
-    hf_split: str | None = Field(None, description="Dataset split to read (hub or saved datasets).")
-    limit: int | None = Field(None, gt=0, description="Evaluate only the first N items.")
     batch_size: int | None = Field(
         None, gt=0, description="Sequences per forward pass / generate call (default: eval.batch_size)."
     )
@@ -64,6 +63,15 @@ class _Task(BaseModel):
         if not _NAME.fullmatch(value):
             raise ValueError("use only letters, digits, '_', '.' and '-' (the name becomes part of metric keys)")
         return value
+
+
+class _Task(_Named):
+    path: str = Field(
+        description="Items: a JSONL / JSON / Parquet file, a dataset saved with save_to_disk, or a hub dataset id."
+    )
+    hf_config: str | None = Field(None, description="Hub dataset configuration name.")
+    hf_split: str | None = Field(None, description="Dataset split to read (hub or saved datasets).")
+    limit: int | None = Field(None, gt=0, description="Evaluate only the first N items.")
 
 
 class _GeneratingTask(_Task):
@@ -127,7 +135,31 @@ class SQLExecutionTask(_GeneratingTask):
     max_rows: int = Field(10_000, gt=0, description="A query returning more rows than this counts as failed.")
 
 
-TaskConfig = MultipleChoiceTask | GenerationTask | SQLExecutionTask
+class LmEvalTask(_Named):
+    """lm-evaluation-harness tasks (hub or local YAML) scored on the in-memory model by the harness itself."""
+
+    kind: Literal["lm_eval"] = Field(description="Run lm-evaluation-harness tasks (extra: keepmix[lmeval]).")
+    tasks: list[str] = Field(
+        min_length=1, description="Harness task, group or tag names (arc_easy, hellaswag, mmlu, ...) or YAML files."
+    )
+    include_path: list[str] = Field(
+        default_factory=list, description="Folders of your own task YAMLs (relative to the config file)."
+    )
+    limit: int | None = Field(None, gt=0, description="Score only the first N documents of every harness task.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (default: each task's own setting).")
+    metrics: list[str] | None = Field(None, min_length=1, description="Keep only these metrics (default: all).")
+    apply_chat_template: bool = Field(False, description="Wrap prompts in the tokenizer's chat template.")
+    bootstrap_iters: int = Field(
+        1000, ge=0, description="Bootstrap resamples for stderrs without a closed form (0: none)."
+    )
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+TaskConfig = MultipleChoiceTask | GenerationTask | SQLExecutionTask | LmEvalTask
 
 
 def resolve_path(path: str, base_dir: Path) -> str:
@@ -229,12 +261,27 @@ def load_items(task: TaskConfig, base_dir: Path) -> list:
     return sql_items(rows, task, source)
 
 
+def task_directions(tasks: list[TaskConfig], base_dir: Path) -> dict[str, dict[str, bool]]:
+    """The harness's higher_is_better of each `lm_eval` task's metrics, keyed by metric prefix, for
+    `compute_retention` (the other kinds follow the metric-name rule)."""
+    from keepmix.eval import harness
+
+    return {f"task/{t.name}/{entry}": hib for t in tasks if isinstance(t, LmEvalTask)
+            for entry, hib in harness.directions(t, base_dir).items()}
+
+
 def check_tasks(tasks: list[TaskConfig], base_dir: Path) -> None:
-    """Read and validate every task's items before any work, reporting all problems together."""
+    """Read and validate every task's items (load and check an `lm_eval` task's harness tasks) before any
+    work, reporting all problems together."""
+    from keepmix.eval import harness
+
     problems = []
     for i, task in enumerate(tasks):
         try:
-            load_items(task, base_dir)
+            if isinstance(task, LmEvalTask):
+                harness.prepare(task, base_dir)
+            else:
+                load_items(task, base_dir)
         except KeepmixError as err:
             problems.append(f"eval.tasks[{i}] ({task.name}): {err}")
     raise_all(problems, "the task files")
@@ -254,8 +301,12 @@ def run_task(
     from keepmix.eval.generate import score_generation
     from keepmix.eval.sql import score_sql
 
-    items = load_items(task, base_dir)
     bs = task.batch_size or batch_size or DEFAULT_BATCH_SIZE
+    if isinstance(task, LmEvalTask):
+        from keepmix.eval import harness
+
+        return harness.run(task, model, tokenizer, base_dir=base_dir, batch_size=bs)
+    items = load_items(task, base_dir)
     if isinstance(task, MultipleChoiceTask):
         return score_multiple_choice(
             model, tokenizer, items, batch_size=bs, device=device, target_delimiter=task.target_delimiter

@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from keepmix.eval.retention import is_score
 from keepmix.report import metrics as m
 
 CAPTIONS = {
@@ -310,7 +311,7 @@ def _retention(runs: list[PlotRun]) -> Figure | None:
 def _tasks(runs: list[PlotRun]) -> Figure | None:
     keys: list[str] = []
     for r in runs:
-        keys += [k for k in m.metric_keys(r.records, "task/") if k not in keys]
+        keys += [k for k in m.metric_keys(r.records, "task/") if k not in keys and is_score(k)]
     if not keys:
         return None
     fig = Figure(figsize=(7.5, 3.6), layout="constrained")

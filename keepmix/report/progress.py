@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Callable, Literal, TextIO
 
+from keepmix.eval.retention import is_score
+
 Mode = Literal["auto", "rich", "notebook", "plain", "quiet"]
 MODES = ("auto", "rich", "notebook", "plain", "quiet")
 
@@ -116,7 +118,8 @@ def eval_line(record: dict) -> str:
             acc_key = f"valid/{source}/token_acc"
             acc = f" acc {pct(metrics[acc_key])}" if acc_key in metrics else ""
             parts.append(f"{source} loss {loss_text(metrics[key])}{delta(key)}{acc}")
-    parts += [f"{key.removeprefix('task/')} {metrics[key]:.3f}{delta(key)}" for key in metrics if key.startswith("task/")]
+    parts += [f"{key.removeprefix('task/')} {metrics[key]:.3f}{delta(key)}" for key in metrics
+              if key.startswith("task/") and is_score(key)]
     flagged = [f"{k} {row['delta']:+.3f}" for k, row in retention.items()
                if row.get("flagged") and not k.endswith("/ppl")]
     if flagged:
@@ -336,7 +339,7 @@ class RichProgress(Progress):
                 Text(f"{(record.get('epoch') or {}).get(name, 0.0):.2f}"),
             )
         parts = [bar, table]
-        tasks = [k for k in metrics if k.startswith("task/")]
+        tasks = [k for k in metrics if k.startswith("task/") and is_score(k)]
         if tasks:
             parts.append(Text("  ").join(
                 Text(k.removeprefix("task/") + " ") + _with_delta(metrics, retention, k, lambda v: f"{v:.3f}")

@@ -418,10 +418,11 @@ class Session:
         st = self.state
         if st.step == 0:
             st.baseline = dict(metrics)
-        from keepmix.eval.tasks import task_tolerances
+        from keepmix.eval.tasks import task_directions, task_tolerances
 
         retention = compute_retention(st.baseline, metrics, self.cfg.eval.retention_tolerance,
-                                      task_tolerances(self._tasks))
+                                      task_tolerances(self._tasks),
+                                      task_directions(self._tasks, Path(self.cfg.base_dir)))
         self.last_metrics, self.last_retention = metrics, retention
         record = {"kind": "eval", "step": st.step, "tokens_seen": st.tokens_seen, "time": round(self.now(), 3),
                   "metrics": metrics, "retention": retention}
@@ -510,9 +511,11 @@ class Session:
 
     # ---- the end --------------------------------------------------------------------------------
     def target_metrics(self) -> list[str]:
-        """What the run trains for: its tasks' scores, else the token accuracy of the source the schedule
-        ends heaviest on."""
-        tasks = [k for k in self.last_retention if k.startswith("task/") and not k.endswith("/n")]
+        """What the run trains for: its tasks' scores (lm_eval tasks are retention probes, not targets), else
+        the token accuracy of the source the schedule ends heaviest on."""
+        probes = tuple(f"task/{t.name}/" for t in self._tasks if t.kind == "lm_eval")
+        tasks = [k for k in self.last_retention
+                 if k.startswith("task/") and not k.endswith("/n") and not k.startswith(probes)]
         if tasks:
             return tasks
         schedule = self.cfg.mixture.schedule
