@@ -30,8 +30,8 @@ sum_v p_base(v) (log p_base(v) - log p_model(v)) from the base model's final hid
 base head, add sum_i kl_weights[i] * KL_i to the loss and return a fourth output, token_kl (N,) float32,
 detached, 0 outside `mask`. The gradient w.r.t. the model's logits is kl_weights[i] * (p_model - p_base);
 nothing flows into the base. The fused path takes those rows in chunks of chunk_size // 3, as it holds
-three (c, V) buffers for them (model logits, base log-probabilities, base probabilities): the same peak
-memory as the plain CE chunks.
+three (c, V) buffers for them (model logits, base log-probabilities, base probabilities) plus the
+log-sum-exp temporaries: measured, 1.9x the CE path's peak (bench/bench_losses.py, docs/ANCHORS.md).
 """
 
 from typing import NamedTuple
