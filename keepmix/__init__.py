@@ -1,6 +1,6 @@
 """keepmix: continued pre-training on a scheduled, curated data mixture.
 
-Python API: `train(config_or_path)`, `evaluate(config_or_path, models=[...])`, `load_config(path)`.
+Python API: `train(config_or_path)`, `sweep(sweep_yaml)`, `merge(run_dir, alphas)`, `evaluate(config_or_path, models=[...])`, `load_config(path)`.
 """
 
 __version__ = "0.1.0"
@@ -27,4 +27,20 @@ def evaluate(config, models=("base",), overrides: dict | None = None):
     return _evaluate(config, models=list(models), overrides=overrides)
 
 
-__all__ = ["train", "evaluate", "load_config", "RunConfig", "ConfigError", "KeepmixError"]
+def sweep(path, *, parallel: int = 1, arm: str | None = None, collect: bool = False, verify: bool = False,
+          progress: str = "auto", output=None):
+    """Run a sweep YAML's arms (or one, or none with collect=True) and write its answer; returns sweep.json's data."""
+    from keepmix.sweep.run import run_sweep
+
+    return run_sweep(path, parallel=parallel, arm=arm, collect=collect, verify=verify, progress=progress,
+                     output=output)
+
+
+def merge(run_dir, alphas=(0, 0.25, 0.5, 0.75, 1), *, write: float | None = None):
+    """Evaluate θ0 + α(θ − θ0) of a run for each α; writes run_dir/merge.json and returns it."""
+    from keepmix.sweep.merge import merge_run
+
+    return merge_run(run_dir, list(alphas), write=write)
+
+
+__all__ = ["sweep", "merge", "train", "evaluate", "load_config", "RunConfig", "ConfigError", "KeepmixError"]

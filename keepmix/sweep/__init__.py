@@ -1,0 +1,1 @@
+"""Sweeps: arms as ordinary run directories, one baseline, the Pareto front, a fitted mixture, merges."""
