@@ -4,8 +4,8 @@ Contract: `fit_metric(X, y, kind)` fits y ≈ X·c (linear: a Scheffé mixture m
 source, no intercept because the weights sum to 1) or log y ≈ X·c (log-linear, for positive y), by least
 squares with numpy (`lstsq`; no scikit-learn needed at this size), and reports the leave-one-arm-out RMSE
 (None with fewer arms than sources + 1: too few to hold one out honestly). kind='auto' keeps the form with
-the lower held-out error. `recommend` searches mixtures inside the box the arms spanned (no
-extrapolation past the measured shares) for the largest predicted task gain with every kept metric
+the lower held-out error. `recommend` searches mixtures inside the convex hull of the arms'
+mixtures (no extrapolation past what was measured) for the largest predicted task gain with every kept metric
 predicted within tolerance; `pareto_front` gives the arms no other arm beats on both axes.
 """
 
@@ -61,12 +61,12 @@ def fit_metric(X, y, kind: str = "auto") -> Fit:
 
 
 def candidates(X: np.ndarray, n: int = 20000, seed: int = 0) -> np.ndarray:
-    """Mixtures (rows sum to 1) inside the per-source range the arms measured, plus the arms themselves."""
+    """Mixtures inside the convex hull of the arms' measured mixtures (random convex combinations of them,
+    sparse and dense), plus the arms themselves: the fit is never asked about a mixture no arm bracketed."""
     X = np.asarray(X, dtype=float)
-    lo, hi = X.min(axis=0), X.max(axis=0)
-    draws = np.random.default_rng(seed).dirichlet(np.ones(X.shape[1]), size=n)
-    inside = draws[np.all((draws >= lo - 1e-9) & (draws <= hi + 1e-9), axis=1)]
-    return np.vstack([X, inside])
+    rng = np.random.default_rng(seed)
+    mix = np.vstack([rng.dirichlet(np.full(len(X), a), size=n // 2) for a in (0.2, 1.0)])
+    return np.vstack([X, mix @ X])
 
 
 def recommend(X, fits_gain: Fit, fits_keep: dict[str, tuple[Fit, float, float]], tolerance: float) -> dict:
