@@ -38,6 +38,9 @@ def test_alpha_zero_is_the_base_and_alpha_one_the_final_model(make_run, lora):
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "merge-alpha-0.5")
     assert isinstance(model, torch.nn.Module)
+    from keepmix.report.html import render_report
+
+    assert "Merge toward the base" in render_report([run_dir]).read_text()
     # by default α = 0 reuses the baseline record instead of evaluating the base model again
     reused = merge_run(run_dir, [0])["points"][0]
     assert reused["reused"] and reused["metrics"] == ev[0]["metrics"]

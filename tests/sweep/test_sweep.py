@@ -142,3 +142,53 @@ def test_an_arm_whose_baseline_has_not_run_is_refused(make_sweep):
     with pytest.raises(KeepmixError, match=r"--arm .* has no step-0 eval yet; run that arm first"):
         run_sweep(path, arm="1", progress="quiet")
     assert not (path.parent / "sweep_out" / "w=general50-qa50").exists()
+
+
+def test_verify_trains_the_recommendation_and_reports_predicted_vs_measured(make_sweep):
+    path = make_sweep(grid=MIXES)
+    answer = run_sweep(path, progress="quiet", verify=True)
+    v = answer["verify"]
+    out = path.parent / "sweep_out"
+    assert v["run_dir"] == str(out / "verify") and (out / "verify" / "final").is_dir()
+    assert v["weights"] == answer["recommendation"]["weights"]
+    assert set(v["predicted_metrics"]) == set(v["measured_metrics"]) == {"valid/qa/token_acc",
+                                                                          "valid/general/token_acc"}
+    assert train_records(out / "verify", "eval")[0]["baseline_from"] == str(out / answer["rows"][0]["name"])
+    assert "--verify: the recommendation trained" in (out / "sweep.md").read_text()
+    # collecting again keeps the verify result that belongs to the same recommendation
+    assert run_sweep(path, collect=True, progress="quiet")["verify"] == v
+
+
+def test_arms_that_score_another_model_or_data_evaluate_their_own_baseline(make_sweep):
+    from keepmix.sweep.arms import share_baseline
+    from keepmix.sweep.spec import load_sweep
+
+    sweep = load_sweep(make_sweep(grid={"train.seq_len": [64, 32], "train.lr": [1e-3, 3e-3]}))
+    share_baseline(sweep.arms)
+    got = {a.name: a.config["eval"]["baseline_from"] for a in sweep.arms}
+    out = sweep.output
+    assert got == {"seq_len=64_lr=0.001": None, "seq_len=64_lr=0.003": str(out / "seq_len=64_lr=0.001"),
+                   "seq_len=32_lr=0.001": None, "seq_len=32_lr=0.003": str(out / "seq_len=32_lr=0.001")}
+
+
+def test_parallel_runs_arms_as_child_processes_with_logs(make_sweep):
+    path = make_sweep(grid=MIXES)
+    answer = run_sweep(path, parallel=2, progress="quiet")
+    out = path.parent / "sweep_out"
+    assert len(answer["rows"]) == 3
+    assert sorted(p.name for p in (out / "logs").iterdir()) == sorted(f"{r['name']}.log" for r in answer["rows"])
+    assert [("baseline_from" in train_records(out / r["name"], "eval")[0]) for r in answer["rows"]] == \
+        [False, True, True]
+
+
+def test_the_command_line_reports_bad_input_as_one_error(make_sweep, capsys):
+    from keepmix.cli import main
+
+    path = make_sweep(grid={})
+    assert main(["sweep", str(path)]) == 2
+    assert "keepmix: error:" in capsys.readouterr().err
+    good = make_sweep("good", grid={"train.lr": [1e-3, 3e-3]})
+    assert main(["sweep", str(good), "--list"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("1\tlr=0.003\t")
+    assert main(["sweep", str(good), "--parallel", "0"]) == 2
+    assert main(["merge", str(good.parent / "nothing")]) == 2
