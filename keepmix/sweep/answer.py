@@ -178,7 +178,8 @@ def savings(sweep, rows: list[dict]) -> dict:
         prefix_s = run_status(records).wall_s
         out["prefix_s"] = prefix_s
         out["prefix_saved_s"] = prefix_s * (len(rows) - 1) if prefix_s else None
-        evaluated.append(ev0["time"]) if ev0 else None
+        if ev0 is not None:
+            evaluated.append(ev0["time"])
     if evaluated and reused:
         cost = statistics.median(evaluated) - statistics.median(reused)
         out["baseline_eval_s"] = round(cost, 1)

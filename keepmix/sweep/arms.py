@@ -3,7 +3,8 @@
 Contract: an `Arm` is a name, a run config (plain data, absolute paths, `output` = the arm's folder) and
 the settings that make it differ from its siblings. `arm_state` reads the folder without writing:
 'new' (nothing there), 'completed' (a completed run of this very config: reused, not retrained),
-'unfinished' (a run of this config with a checkpoint: resumed exactly with --resume), or it raises a
+'unfinished' (a run of this config with a checkpoint: resumed exactly with --resume), 'restart' (a run of
+this config stopped before its first checkpoint: nothing to resume, started over), or it raises a
 `KeepmixError` naming the folder and the keys that differ (a run of another config is never touched).
 `share_baseline` points every arm's `eval.baseline_from` at the first arm that evaluates the same model on
 the same held-out data and tasks (`config.baseline_changes`), so the base model is evaluated once per such
@@ -98,7 +99,9 @@ def arm_state(arm: Arm, cfg: RunConfig | None = None) -> str:
         return "completed"
     from keepmix.training.checkpoint import latest_checkpoint
 
-    return "unfinished" if latest_checkpoint(run_dir / "checkpoints") is not None else "new"
+    if latest_checkpoint(run_dir / "checkpoints") is not None:
+        return "unfinished"
+    return "restart" if status is not None else "new"
 
 
 def share_baseline(arms: list[Arm], first: Arm | None = None) -> None:
@@ -128,6 +131,9 @@ def run_arm(arm: Arm, *, progress: str = "auto", stop_at: int | None = None, kee
     cfg = arm.parse()
     if state == "unfinished":
         say(f"arm {arm.name}: resuming the interrupted run in {arm.run_dir}")
+    if state == "restart":  # this arm's own run, stopped before its first checkpoint: nothing to resume
+        say(f"arm {arm.name}: {arm.run_dir} stopped before its first checkpoint; starting it over")
+        shutil.rmtree(arm.run_dir)
     result = train(cfg, resume=state == "unfinished", progress=progress, stop_at=stop_at)
     if result.status not in ("completed", "stopped") or (result.status == "stopped" and stop_at is None):
         raise KeepmixError(f"arm {arm.name} ended with status {result.status!r}; see {arm.run_dir}/metrics.jsonl")

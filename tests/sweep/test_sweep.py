@@ -192,3 +192,23 @@ def test_the_command_line_reports_bad_input_as_one_error(make_sweep, capsys):
     assert capsys.readouterr().out.splitlines()[1].startswith("1\tlr=0.003\t")
     assert main(["sweep", str(good), "--parallel", "0"]) == 2
     assert main(["merge", str(good.parent / "nothing")]) == 2
+
+
+def test_an_arm_stopped_before_its_first_checkpoint_starts_over(make_sweep, monkeypatch):
+    path = make_sweep(grid={"mixture.weights": MIXES["mixture.weights"][:1]}, run={"train": {"checkpoint_every": None}})
+    import keepmix.training.loop as loop
+
+    real = loop.Session.log_train
+
+    def stop(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        if self.state.step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Session, "log_train", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(path, progress="quiet")
+    monkeypatch.setattr(loop.Session, "log_train", real)
+    answer = run_sweep(path, progress="quiet")
+    run_dir = path.parent / "sweep_out" / answer["rows"][0]["name"]
+    assert [r["step"] for r in train_records(run_dir)] == list(range(1, 7))
