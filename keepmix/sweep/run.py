@@ -43,16 +43,20 @@ def _baseline_ready(arm: Arm) -> bool:
     return path.exists() and any(r.get("step") == 0 for r in evals(read_metrics(path)))
 
 
-def plan(sweep: Sweep) -> tuple[Arm | None, dict[str, str]]:
-    """The prefix (or None) and each arm's state, after sharing the baseline; raises on a foreign folder."""
+def plan(sweep: Sweep, only: str | None = None) -> tuple[Arm | None, dict[str, str]]:
+    """The prefix (or None) and each arm's state, after sharing the baseline; raises on a foreign folder.
+    `only`: check just that arm's folder (a job running one arm leaves its siblings' folders alone: they
+    may be mid-write in other jobs)."""
     prefix = sweep.prefix()
     share_baseline(sweep.arms, first=prefix)
     states = {}
-    if prefix is not None:
+    if prefix is not None and only in (None, "prefix"):
         state = arm_state(prefix)
         states["prefix"] = "completed" if _prefix_done(prefix, sweep.branch.at) else state
+    target = arm_named(sweep, only) if only not in (None, "prefix") else None
     for arm in sweep.arms:
-        states[arm.name] = arm_state(arm)
+        if only is None or arm is target:
+            states[arm.name] = arm_state(arm)
     return prefix, states
 
 
@@ -64,7 +68,7 @@ def run_sweep(path: str | Path, *, parallel: int = 1, arm: str | None = None, co
     sweep = load_sweep(path, output=output)
     if parallel < 1:
         raise KeepmixError(f"--parallel {parallel}: expected 1 or more arms at once")
-    prefix, states = plan(sweep)
+    prefix, states = plan(sweep, only=None if collect else arm)
     if collect:
         from keepmix.sweep.answer import write_answer
 

@@ -212,3 +212,13 @@ def test_an_arm_stopped_before_its_first_checkpoint_starts_over(make_sweep, monk
     answer = run_sweep(path, progress="quiet")
     run_dir = path.parent / "sweep_out" / answer["rows"][0]["name"]
     assert [r["step"] for r in train_records(run_dir)] == list(range(1, 7))
+
+
+def test_branch_jobs_run_the_prefix_first(make_sweep):
+    path = make_sweep(grid={"mixture.weights": MIXES["mixture.weights"][:1]}, branch={"at": 3, "optimizer": False})
+    with pytest.raises(KeepmixError, match=r"the branch prefix has not run yet; run it first with .*--arm prefix"):
+        run_sweep(path, arm="0", progress="quiet")
+    assert run_sweep(path, arm="prefix", progress="quiet") is None
+    assert run_sweep(path, arm="0", progress="quiet") is None
+    answer = run_sweep(path, collect=True, progress="quiet")
+    assert answer["rows"][0]["init_from"]["optimizer"] is False
