@@ -86,8 +86,12 @@ def arm_state(arm: Arm, cfg: RunConfig | None = None) -> str:
             raise KeepmixError(f"arm {arm.name}: {run_dir} holds files but no keepmix run (no config.yaml); "
                                f"nothing was changed. Move it away or set another sweep output.")
         return "new"
-    cfg = cfg or arm.parse(links=False)
+    cfg = cfg or arm.parse(links=False)  # the links' targets may not exist yet; compare them as given
     want = config_to_dict(cfg)
+    init = (arm.config.get("train") or {}).get("init_from")
+    if init:
+        want["train"]["init_from"] = {"run": str((arm.base_dir / init["run"]).resolve()), "step": init["step"],
+                                      "optimizer": init.get("optimizer", False)}
     have = yaml.safe_load(saved.read_text()) or {}
     differ = changed_keys(have, want, safe=REUSE_SAFE_KEYS)
     if differ:

@@ -100,6 +100,10 @@ def test_branched_arms_start_from_the_prefix_checkpoint(make_sweep):
     for name, tensor in prefix_ckpt["weights"].items():
         assert torch.allclose(still["weights"][name], tensor, atol=1e-9), name
     assert answer["savings"]["prefix_saved_s"] is not None
+    # a rerun reuses the prefix and every arm (their warm-start links compare equal)
+    before = {r["name"]: (out / r["name"] / "metrics.jsonl").read_text() for r in answer["rows"]}
+    run_sweep(path, progress="quiet")
+    assert before == {name: (out / name / "metrics.jsonl").read_text() for name in before}
 
 
 def test_init_from_is_checked_before_anything_is_written(make_run):
