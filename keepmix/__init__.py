@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 from keepmix.config import RunConfig, load_config  # noqa: E402
 from keepmix.errors import ConfigError, KeepmixError  # noqa: E402
+from keepmix import sweep  # noqa: E402 - a callable package: keepmix.sweep("sweep.yaml")
 
 
 def train(config, *, resume: bool = False, progress: str = "auto", overrides: dict | None = None,
@@ -25,15 +26,6 @@ def evaluate(config, models=("base",), overrides: dict | None = None):
     from keepmix.eval.runner import evaluate as _evaluate
 
     return _evaluate(config, models=list(models), overrides=overrides)
-
-
-def sweep(path, *, parallel: int = 1, arm: str | None = None, collect: bool = False, verify: bool = False,
-          progress: str = "auto", output=None):
-    """Run a sweep YAML's arms (or one, or none with collect=True) and write its answer; returns sweep.json's data."""
-    from keepmix.sweep.run import run_sweep
-
-    return run_sweep(path, parallel=parallel, arm=arm, collect=collect, verify=verify, progress=progress,
-                     output=output)
 
 
 def merge(run_dir, alphas=(0, 0.25, 0.5, 0.75, 1), *, write: float | None = None):

@@ -226,3 +226,14 @@ def test_branch_jobs_run_the_prefix_first(make_sweep):
     assert run_sweep(path, arm="0", progress="quiet") is None
     answer = run_sweep(path, collect=True, progress="quiet")
     assert answer["rows"][0]["init_from"]["optimizer"] is False
+
+
+def test_the_python_api_is_keepmix_sweep_and_keepmix_merge(make_sweep):
+    import keepmix
+    import keepmix.sweep.run  # noqa: F401 - importing the submodules must not hide the function
+
+    path = make_sweep(grid={"mixture.weights": MIXES["mixture.weights"][:2]})
+    answer = keepmix.sweep(path, progress="quiet")
+    assert len(answer["rows"]) == 2
+    data = keepmix.merge(answer["rows"][0]["run_dir"], [0, 1])
+    assert [p["alpha"] for p in data["points"]] == [0, 1]
