@@ -89,6 +89,7 @@ class Session:
         self._latest = self._found.path if self._found else None
         self.resumed_from = int(self._latest.name.split("-")[1]) if self._latest else None
         self._warm = self._read_warm_start() if self._found is None else None  # a resume ignores init_from
+        self._warm_record: dict | None = None  # what the warm start took, for the start record
         self.state.resumed_from = self.resumed_from
         self._trackers = None
         self._clock = time.perf_counter()
@@ -289,7 +290,7 @@ class Session:
             "output": str(self.run_dir), "world_size": self.accelerator.num_processes,
             **({"damaged_checkpoints": {p.name: why for p, why in self._found.damaged}}
                if self._found and self._found.damaged else {}),
-            **({"init_from": self._warm_record} if getattr(self, "_warm_record", None) else {}),
+            **({"init_from": self._warm_record} if self._warm_record else {}),
         })
 
     def log_train(self, totals: dict, names: list[str], planned: np.ndarray, lr: float, grad_norm: float,
@@ -488,7 +489,8 @@ class Session:
     def _warm_start(self, sampler, optimizer) -> None:
         """Weights (and, on request, AdamW moments) from another run's checkpoint; this run's LR schedule and
         step counter start fresh. Each source's document stream continues where that run stopped when
-        both runs read the same sources, so the arm does not see the prefix's documents again first."""
+        both runs read the same data with the same split and seed, so the arm does not see the prefix's
+        documents again first."""
         warm, init = self._warm, self.cfg.train.init_from
         load_trainable_state(self.accelerator.unwrap_model(self.model), warm["weights"])
         if init.optimizer:
@@ -496,9 +498,10 @@ class Session:
             optimizer.load_state_dict(warm["optimizer"])
             for group, hyper in zip(optimizer.param_groups, fresh):
                 group.update(hyper)  # this run's lr, betas, eps and weight decay, not the prefix's
-        saved_sources = [(s.get("name"), s.get("path")) for s in (warm["config"] or {}).get("sources", [])]
-        mine = [(s["name"], s["path"]) for s in config_to_dict(self.cfg)["sources"]]
-        continued = saved_sources == mine
+        from keepmix.config import baseline_changes
+
+        # the same sources, split and seed (what the baseline check compares): the streams are the same
+        continued = warm["config"] is not None and not baseline_changes(warm["config"], config_to_dict(self.cfg))
         if continued:
             for stream, state in zip(sampler.streams, warm["state"]["sampler"]["streams"]):
                 stream.load_state_dict(state)
