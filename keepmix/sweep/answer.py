@@ -257,7 +257,7 @@ def pareto_plot(answer: dict, path: Path) -> Path:
         ax.scatter([100 * v["predicted"]["worst_loss"]], [100 * v["predicted"]["gain"]], marker="*", s=160,
                    facecolors="none", edgecolors="tab:red", label="recommended (predicted)", zorder=4)
     ax.axvline(100 * answer["tolerance"], color="grey", linestyle=":", label="tolerance")
-    ax.set_xlabel("worst retention loss (points; lower is better)")
+    ax.set_xlabel("worst retention loss (points; % for losses; lower is better)")
     ax.set_ylabel("task gain vs base (points)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
