@@ -64,8 +64,8 @@ class Sweep:
         data = copy.deepcopy(self.base)
         for key, value in settings.items():
             set_key(data, key, value)
-        if self.branch is not None:
-            steps = get_key(self.base, "train.steps", 1000)
+        if self.branch is not None:  # the arm's own train.steps (default the base's) counts the prefix too
+            steps = get_key(data, "train.steps", 1000)
             data.setdefault("train", {})["steps"] = steps - self.branch.at
             data["train"]["init_from"] = {"run": str(self.output / "prefix"), "step": self.branch.at,
                                           "optimizer": self.branch.optimizer}
