@@ -336,12 +336,41 @@ def markdown(answer: dict) -> str:
 
 
 def page(answer: dict, text: str, plot: Path) -> str:
+    """sweep.html: the Markdown answer as HTML (headings, tables, code, paragraphs) with the plot inline."""
     image = base64.b64encode(plot.read_bytes()).decode()
-    return ("<!doctype html><meta charset='utf-8'><title>keepmix sweep</title>"
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}pre{background:#f4f4f4;"
-            "padding:1em;white-space:pre-wrap}</style>"
-            f"<h1>keepmix sweep</h1><img alt='Pareto front' src='data:image/png;base64,{image}'>"
-            f"<pre>{html.escape(text)}</pre>")
+    body, table, code = [], [], None
+    for line in text.splitlines() + [""]:
+        if code is not None:
+            if line.startswith("```"):
+                body.append(f"<pre>{html.escape(chr(10).join(code))}</pre>")
+                code = None
+            else:
+                code.append(line)
+            continue
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):  # not the separator row
+                cells = [c.strip() for c in line.strip("|").split("|")]
+                tag = "th" if not table else "td"
+                table.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if table:
+            body.append("<table>" + "".join(table) + "</table>")
+            table = []
+        if line.startswith("```"):
+            code = []
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+            body.append(f"<img alt='Pareto front: task gain vs worst retention loss' "
+                        f"src='data:image/png;base64,{image}'>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;color:#1f2430}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:.9em}td,th{border:1px solid #dde1e7;"
+             "padding:4px 8px;text-align:left}th{background:#f4f6f9}pre{background:#f4f6f9;padding:1em}")
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>keepmix sweep</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
 
 def verify_recommendation(sweep, answer: dict, *, progress: str = "auto", say=print) -> dict:

@@ -42,3 +42,4 @@ def test_recommend_takes_the_largest_gain_within_tolerance_inside_the_measured_r
 def test_pareto_front_keeps_the_points_no_other_beats():
     points = [(0.0, 0.1), (0.1, 0.3), (0.05, 0.05), (0.2, 0.3), (0.3, 0.5)]
     assert pareto_front(points) == [0, 1, 4]
+
