@@ -136,7 +136,7 @@ def cmd_sweep(args) -> None:
             print(f"{i}\t{arm.name}\t{arm.run_dir}")
         return
     run_sweep(args.sweep, parallel=args.parallel, arm=args.arm, collect=args.collect, verify=args.verify,
-              progress=_progress(args), output=args.output)
+              progress=_progress(args), output=args.output, reports=not args.no_report)
 
 
 def cmd_merge(args) -> None:
@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--verify", action="store_true", help="train the recommended mixture; predicted vs measured")
     w.add_argument("--list", action="store_true", help="print the arms (index, name, folder) and stop")
     w.add_argument("--output", help="the sweep's folder (default: the file's output:)")
+    w.add_argument("--no-report", action="store_true", help="skip each arm's plots and report.html")
     w.add_argument("--quiet", action="store_true")
     w.set_defaults(func=cmd_sweep)
 

@@ -9,7 +9,8 @@ arms at once as child processes (`keepmix sweep FILE --arm NAME`), one GPU each 
 when there are GPUs, else CPU processes sharing the cores; their output goes to <output>/logs/<arm>.log.
 `arm=` runs one arm only (a cluster job; the baseline arm or prefix must have run first) and writes no
 answer. `collect=True` trains nothing: it reads the arms that are there (run elsewhere) and writes the
-answer. Otherwise the answer is written when all arms are done; `verify=True` then trains the recommended
+answer. Every arm trained or resumed gets its report.html (`reports=False`: none). Otherwise the answer
+is written when all arms are done; `verify=True` then trains the recommended
 mixture as <output>/verify and reports predicted vs measured. Returns the answer (the sweep.json data).
 """
 
@@ -62,7 +63,7 @@ def plan(sweep: Sweep, only: str | None = None) -> tuple[Arm | None, dict[str, s
 
 def run_sweep(path: str | Path, *, parallel: int = 1, arm: str | None = None, collect: bool = False,
               verify: bool = False, progress: str = "auto", output: str | Path | None = None,
-              say=None) -> dict | None:
+              reports: bool = True, say=None) -> dict | None:
     say = say or (lambda text: print(f"keepmix sweep: {text}", flush=True))
     started = time.perf_counter()
     sweep = load_sweep(path, output=output)
@@ -85,7 +86,8 @@ def run_sweep(path: str | Path, *, parallel: int = 1, arm: str | None = None, co
         if not _baseline_ready(one):
             raise KeepmixError(f"--arm {one.name}: its baseline comes from {one.config['eval']['baseline_from']}, "
                                f"which has no step-0 eval yet; run that arm first (nothing was changed)")
-        run_arm(one, progress=progress, say=say)
+        if run_arm(one, progress=progress, say=say) != "reused" and reports:
+            _render_report(one)
         return None
     say(f"{len(sweep.arms)} arms in {sweep.output}: " + ", ".join(f"{n} ({s})" for n, s in states.items()))
     sweep.output.mkdir(parents=True, exist_ok=True)
@@ -96,10 +98,11 @@ def run_sweep(path: str | Path, *, parallel: int = 1, arm: str | None = None, co
     rest = [a for a in sweep.arms if a not in first]
     if parallel == 1:
         for one in first + rest:
-            run_arm(one, progress=progress, say=say)
+            if run_arm(one, progress=progress, say=say) != "reused" and reports:
+                _render_report(one)
     else:
-        _run_parallel(sweep, first, parallel, say)  # the arms that evaluate a baseline go first
-        _run_parallel(sweep, rest, parallel, say)
+        _run_parallel(sweep, first, parallel, say, reports)  # the arms that evaluate a baseline go first
+        _run_parallel(sweep, rest, parallel, say, reports)
     (sweep.output / "timing.json").write_text(json.dumps({"run_s": round(time.perf_counter() - started, 1),
                                                           "parallel": parallel}) + "\n")
     from keepmix.sweep.answer import write_answer
@@ -112,7 +115,14 @@ def run_sweep(path: str | Path, *, parallel: int = 1, arm: str | None = None, co
     return answer
 
 
-def _run_parallel(sweep: Sweep, arms: list[Arm], n: int, say) -> None:
+def _render_report(arm: Arm) -> None:
+    """The arm's report.html, as `keepmix train` leaves one."""
+    from keepmix.report.html import render_report
+
+    render_report([arm.run_dir])
+
+
+def _run_parallel(sweep: Sweep, arms: list[Arm], n: int, say, reports: bool) -> None:
     if not arms:
         return
     logs = sweep.output / "logs"
@@ -128,7 +138,7 @@ def _run_parallel(sweep: Sweep, arms: list[Arm], n: int, say) -> None:
         else:
             env.setdefault("OMP_NUM_THREADS", str(threads))
         cmd = [sys.executable, "-m", "keepmix", "sweep", str(sweep.path), "--arm", arm.name, "--quiet",
-               "--output", str(sweep.output)]
+               "--output", str(sweep.output), *([] if reports else ["--no-report"])]
         with open(logs / f"{arm.name}.log", "a") as log:
             return arm.name, subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 

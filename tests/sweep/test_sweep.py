@@ -39,6 +39,7 @@ def test_a_sweep_shares_one_baseline_and_writes_the_answer(make_sweep, monkeypat
     assert all(r["metrics"] == step0[0]["metrics"] for r in step0)
     for name in ("sweep.md", "sweep.json", "sweep.html", "pareto.png"):
         assert (out / name).stat().st_size > 0
+    assert all((out / r["name"] / "report.html").exists() for r in answer["rows"])  # ordinary runs
     saved = json.loads((out / "sweep.json").read_text())
     assert [r["name"] for r in saved["rows"]] == [r["name"] for r in answer["rows"]] and saved["front"]
     assert saved["task"] == ["valid/qa/token_acc"] and saved["keep"] == ["valid/general/token_acc"]
