@@ -1,8 +1,8 @@
-"""The answer's HTML page."""
+"""The sweep's rendered answer: the HTML page."""
 
 
 def test_the_html_answer_has_tables_headings_and_the_plot(tmp_path):
-    from keepmix.sweep.answer import page
+    from keepmix.sweep.render import page
 
     plot = tmp_path / "p.png"
     plot.write_bytes(b"\x89PNG")
