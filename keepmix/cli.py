@@ -128,6 +128,29 @@ def cmd_anchors(args) -> None:
                            model=args.model)
 
 
+def cmd_sweep(args) -> None:
+    from keepmix.sweep.run import run_sweep
+
+    if args.list:
+        from keepmix.sweep.spec import load_sweep
+
+        sweep = load_sweep(args.sweep, output=args.output)
+        for i, arm in enumerate(sweep.arms):
+            print(f"{i}\t{arm.name}\t{arm.run_dir}")
+        return
+    run_sweep(args.sweep, parallel=args.parallel, arm=args.arm, collect=args.collect, verify=args.verify,
+              progress=_progress(args), output=args.output, reports=not args.no_report)
+
+
+def cmd_merge(args) -> None:
+    from keepmix.sweep.merge import merge_run, parse_alphas
+
+    write = parse_alphas(args.write)[0] if args.write is not None else None
+    merge_run(args.run_dir, parse_alphas(args.alpha), write=write)
+    if not args.no_report:
+        _report([args.run_dir])
+
+
 def build_parser() -> argparse.ArgumentParser:
     from keepmix import __version__
 
@@ -168,6 +191,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=cmd_demo)
+
+    w = sub.add_parser("sweep", help="run a sweep of arms (grid / random mixtures / branches) and answer it")
+    w.add_argument("sweep", help="sweep YAML file (docs/SWEEP.md)")
+    w.add_argument("--parallel", type=int, default=1, metavar="N", help="arms at once (one GPU each, or CPU processes)")
+    w.add_argument("--arm", metavar="NAME|INDEX", help="run only this arm (a cluster job); 'prefix' = the branch prefix")
+    w.add_argument("--collect", action="store_true", help="train nothing: collect the arms and write the answer")
+    w.add_argument("--verify", action="store_true", help="train the recommended mixture; predicted vs measured")
+    w.add_argument("--list", action="store_true", help="print the arms (index, name, folder) and stop")
+    w.add_argument("--output", help="the sweep's folder (default: the file's output:)")
+    w.add_argument("--no-report", action="store_true", help="skip each arm's plots and report.html")
+    w.add_argument("--quiet", action="store_true")
+    w.set_defaults(func=cmd_sweep)
+
+    g = sub.add_parser("merge", help="interpolate a run back toward its base model (θ0 + α(θ − θ0)), evaluated")
+    g.add_argument("run_dir", type=Path)
+    g.add_argument("--alpha", default="0,0.25,0.5,0.75,1", help="comma-separated α values")
+    g.add_argument("--write", metavar="ALPHA", help="save the model at this α as a Hugging Face folder")
+    g.add_argument("--no-report", action="store_true", help="do not re-render the run's report.html")
+    g.set_defaults(func=cmd_merge)
 
     x = sub.add_parser("experiment", help="ready-made experiments")
     xs = x.add_subparsers(dest="experiment", required=True)

@@ -185,6 +185,13 @@ class MixtureConfig(_Strict):
     )
 
 
+class InitFromConfig(_Strict):
+    run: str = Field(description="Run directory whose checkpoint the weights come from (a warm start, not a resume).")
+    step: int = Field(gt=0, description="Step of that run's checkpoint (checkpoints/step-N must be complete).")
+    optimizer: bool = Field(False, description="Also take the checkpoint's AdamW state (moments); the LR "
+                            "schedule, data order and step counter start fresh from this run's config.")
+
+
 class TrainConfig(_Strict):
     seq_len: int = Field(512, gt=1, description="Tokens per packed row.")
     batch_size: int = Field(16, gt=0, description="Rows per optimizer step (global, all processes).")
@@ -224,6 +231,10 @@ class TrainConfig(_Strict):
     l2_to_base: float = Field(
         0.0, ge=0, description="lambda: add lambda/2 * ||theta - theta_0||^2 over the trained weights (L2-SP; "
         "LoRA: the adapter's weight change); 0 = off."
+    )
+    init_from: InitFromConfig | None = Field(
+        None, description="Warm start: this run's weights (and optionally optimizer state) from another run's "
+        "checkpoint; the base model (baseline, KL and L2 anchors) stays model.name. Recorded in the start record."
     )
     checkpoint_every: int | None = Field(100, gt=0, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, gt=0, description="Keep the newest K complete checkpoints.")
@@ -423,9 +434,41 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
     if cfg.eval.baseline_from and not (Path(cfg.resolve_local(cfg.eval.baseline_from)) / "metrics.jsonl").exists():
         problems.append(f"eval.baseline_from: no run at {cfg.resolve_local(cfg.eval.baseline_from)} "
                         f"(no metrics.jsonl there)")
+    if t.init_from is not None:
+        problems += _init_from_problems(cfg)
     task_names = [task.name for task in cfg.eval.tasks]
     for name in {n for n in task_names if task_names.count(n) > 1}:
         problems.append(f"eval.tasks: duplicate task name {name!r}")
+    return problems
+
+
+def _init_from_problems(cfg: RunConfig) -> list[str]:
+    """train.init_from names a complete checkpoint of a run of the same model (checked by its files only;
+    the weights are verified and loaded when the run begins)."""
+    init = cfg.train.init_from
+    run = Path(cfg.resolve_local(init.run))
+    step = run / "checkpoints" / f"step-{init.step:08d}"
+    if not (run / "config.yaml").is_file():
+        return [f"train.init_from.run: no run at {run} (no config.yaml there)"]
+    if not (step / "COMPLETE").is_file():
+        have = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")
+                      if (p / "COMPLETE").is_file()) if (run / "checkpoints").is_dir() else []
+        return [f"train.init_from.step: {run} has no complete checkpoint at step {init.step} "
+                f"(complete checkpoints: {', '.join(map(str, have)) or 'none'})"]
+    problems = []
+    try:
+        saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        return [f"train.init_from.run: cannot read {run / 'config.yaml'} ({err})"]
+    mine = config_to_dict(cfg)
+    def model_key(data: dict, key: str):
+        value = (data.get("model") or {}).get(key)
+        return {k: v for k, v in value.items() if k != "merge"} if key == "lora" and value else value
+
+    for key in ("name", "gguf_file", "init", "architecture", "lora"):
+        if model_key(saved, key) != model_key(mine, key):
+            problems.append(f"train.init_from.run: {run} trained another model (model.{key} differs); its "
+                            f"weights do not fit this run's")
     return problems
 
 
@@ -628,6 +671,8 @@ def config_to_dict(cfg: RunConfig) -> dict:
     data["output"] = cfg.resolve_local(cfg.output)
     if cfg.eval.baseline_from:
         data["eval"]["baseline_from"] = cfg.resolve_local(cfg.eval.baseline_from)
+    if cfg.train.init_from is not None:
+        data["train"]["init_from"]["run"] = cfg.resolve_local(cfg.train.init_from.run)
     data["cache_dir"] = cfg.resolve_local(cfg.cache_dir) if cfg.cache_dir else None
     return data
 
@@ -663,11 +708,22 @@ BASELINE_SAFE_KEYS = (
     "eval.retention_tolerance",
     "eval.baseline_from",
     "model.lora.merge",
-    *(f"train.{k}" for k in ("steps", "lr", "min_lr_ratio", "lr_schedule", "warmup", "decay", "weight_decay",
+    *(f"train.{k}" for k in ("steps", "lr", "init_from", "min_lr_ratio", "lr_schedule", "warmup", "decay", "weight_decay",
                              "l2_to_base",
                              "betas", "eps", "grad_clip", "batch_size", "micro_batch_size", "checkpoint_every",
                              "keep_checkpoints", "log_every", "compile", "threads", "fsdp")),
 )
+
+
+def baseline_changes(old: dict, new: dict) -> list[str]:
+    """Keys of two resolved configs whose difference changes what the untouched model scores at step 0
+    (sources by position, so a difference names its key, sources.0.path; floors and KL only steer training)."""
+
+    def comparable(data: dict) -> dict:
+        return {**data, "sources": {str(i): {k: v for k, v in src.items() if k not in ("floor", "kl_to_base")}
+                                    for i, src in enumerate(data.get("sources") or [])}}
+
+    return changed_keys(comparable(old), comparable(new), safe=BASELINE_SAFE_KEYS)
 
 
 def changed_keys(old: dict, new: dict, prefix: str = "", safe: tuple[str, ...] = RESUME_SAFE_KEYS) -> list[str]:

@@ -161,3 +161,34 @@ def save_final(model, tokenizer, out: Path, *, merge_lora: bool = False) -> Path
     to_save.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def interpolate(base: nn.Module, final: nn.Module, alpha: float) -> nn.Module:
+    """A copy of `base` with every parameter at θ0 + α(θ − θ0) (torch.lerp: exactly θ0 at α = 0 and θ at
+    α = 1); the two models must have the same architecture."""
+    import copy
+
+    out = copy.deepcopy(base)
+    theta = dict(final.named_parameters())
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if name not in theta or theta[name].shape != p.shape:
+                raise KeepmixError(f"merge: the final model has no parameter {name} of shape {tuple(p.shape)}; "
+                                   f"it is not a fine-tune of this base model")
+            p.copy_(torch.lerp(p, theta[name].to(p.dtype), float(alpha)))
+    return out
+
+
+def with_scaled_adapter(base: nn.Module, adapter_dir: Path, alpha: float) -> nn.Module:
+    """A copy of `base` carrying the LoRA adapter saved in `adapter_dir`, its update scaled by α (lora_B × α,
+    so ΔW = α·B·A·scale)."""
+    import copy
+
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(float(alpha))
+    return model

@@ -368,7 +368,47 @@ RUN_CASES = [  # each touches an existing run folder, which must stay byte-ident
         r"output: .*config\.yaml is a file"),
 ]
 
-ALL = CONFIG_CASES + CLI_CASES + DATA_CASES + TASK_CASES + RUN_CASES
+
+
+def sweep(c: Case, spec: dict, *extra: str, run: str | None = None) -> list[str]:
+    """`keepmix sweep` on a sweep file over the case's run config, its arms in the case's out/ folder."""
+    path = c.text("sweep.yaml", yaml.safe_dump({"run": run or c.config(), "output": "out", **spec}))
+    return ["sweep", path, "--quiet", *extra]
+
+
+SWEEP_CASES = [
+    Bad("sweep-empty-grid", lambda c: sweep(c, {"grid": {}}), r"sweep\.yaml: 1 problem in the config:.*- grid: the grid is empty"),
+    Bad("sweep-no-arms", lambda c: sweep(c, {}), r"grid: the sweep has no arms"),
+    Bad("sweep-unknown-key-in-an-arm", lambda c: sweep(c, {"arms": {"a": {"train.lrr": 1e-3}, "b": {}}}),
+        r"arm a: train\.lrr: unknown key"),
+    Bad("sweep-bad-value-in-a-grid-arm", lambda c: sweep(c, {"grid": {"train.lr": [1e-3, -1.0]}}),
+        r"arm lr=-1: train\.lr: Input should be greater than 0"),
+    Bad("sweep-key-path-names-no-source", lambda c: sweep(c, {"grid": {"sources[sql].floor": [0.1]}}),
+        r"key path sources\[sql\]\.floor: sources has no item named 'sql' \(names: general, qa\)"),
+    Bad("sweep-branch-beyond-the-run", lambda c: sweep(c, {"grid": {"train.lr": [1e-3]}, "branch": {"at": 12}}),
+        r"branch\.at: step 12 is beyond the run: train\.steps is 12"),
+    Bad("sweep-unknown-top-level-key", lambda c: sweep(c, {"gird": {"train.lr": [1e-3]}}), r"gird: unknown key"),
+    Bad("sweep-no-such-arm", lambda c: sweep(c, {"grid": {"train.lr": [1e-3]}}, "--arm", "7"),
+        r"--arm 7: no such arm"),
+    Bad("sweep-collect-over-a-folder-that-is-no-run", lambda c: (c.text("mine/notes.txt", "x"), sweep(
+        c, {"arms": {"mine": {"train.lr": 1e-3}}}, "--collect", "--output", str(c.folder)))[1],
+        r"arm mine: .*mine holds files but no keepmix run \(no config\.yaml\); nothing was changed"),
+    Bad("sweep-collect-with-nothing-run", lambda c: sweep(c, {"arms": {"mine": {"train.lr": 1e-3}}}, "--collect"),
+        r"no completed arm of .*sweep\.yaml in .*out .*; nothing to collect"),
+    Bad("sweep-collect-over-another-config", lambda c: (c.trained(), sweep(
+        c, {"arms": {"out": {"train.lr": 1e-3}}}, "--collect", "--output", str(c.folder)))[1],
+        r"arm out: .*out holds a run of another config \(.*train\.lr differ\); it is not this arm's"),
+    Bad("merge-not-a-run", lambda c: ["merge", str(c.folder)], r"not a keepmix run directory"),
+    Bad("merge-run-without-final", lambda c: (c.trained(), ["merge", str(c.out)])[1],
+        r"has no final/ model yet"),
+    Bad("merge-bad-alpha", lambda c: (c.trained(), ["merge", str(c.out), "--alpha", "0,half"])[1],
+        r"--alpha '0,half': expected numbers separated by commas"),
+    Bad("train-init-from-a-missing-step", lambda c: train(c, c.config(train={"init_from": {
+        "run": str(c.root / "template" / "out"), "step": 5}})),
+        r"train\.init_from\.step: .* no complete checkpoint at step 5 \(complete checkpoints: 6\)"),
+]
+
+ALL = CONFIG_CASES + CLI_CASES + DATA_CASES + TASK_CASES + RUN_CASES + SWEEP_CASES
 
 
 def _snapshot(folder: Path) -> dict[str, str]:

@@ -11,8 +11,9 @@ Contract of `run_demo(out, ...)`:
   Each arm is a normal keepmix run directory `out/<arm>` (metrics.jsonl, report.html, final/); the
   checkpoint of the finished run is removed (final/ holds the weights). A previous demo's arm folders
   are replaced.
-- "base" is the step-0 eval of the untouched model, computed once in the first arm and reused by the
-  second (`eval.baseline_from`: the same model, held-out data and tasks, which keepmix checks); the
+- the arms run through the sweep's arm runner (`keepmix.sweep.arms`: a demo is a two-arm sweep with a
+  verdict on top). "base" is the step-0 eval of the untouched model, computed once in the first arm and
+  reused by the second (`eval.baseline_from`: the same model, held-out data and tasks, checked); the
   arms' step-0 records are compared and the largest difference is reported as `base_check`.
 - The verdict (rows base / fine-tune only / keepmix; SQL execution accuracy on seen and unseen
   templates, prose and code token accuracy on held-out documents, deltas vs base) is printed and
@@ -33,11 +34,10 @@ from pathlib import Path
 
 import torch
 
-from keepmix.config import parse_config
 from keepmix.demo.data import DemoData, build_demo_data
 from keepmix.demo.model import prepare_model
 from keepmix.errors import KeepmixError
-from keepmix.training.loop import train
+from keepmix.sweep.arms import Arm, check_arms, run_arm, share_baseline
 
 ARMS = ("finetune_only", "keepmix")
 ROW_NAMES = {"base": "base", "finetune_only": "fine-tune only", "keepmix": "keepmix"}
@@ -130,20 +130,20 @@ def run_demo(out: Path, *, model: str | None = None, steps: int | None = None, q
     timings["model_s"] = time.perf_counter() - clock
 
     results = {}
-    for arm in ARMS:
-        run_dir = out / arm
-        cfg = parse_config(arm_config(arm, data, model_section, s, out, device), source=f"demo:{arm}",
-                           base_dir=out)
-        say(f"arm {arm}: {describe_mixture(arm, s)}")
+    # a demo is a two-arm sweep with a verdict on top: the sweep's runner checks the arms, shares the
+    # baseline (the same model on the same held-out data: evaluated once, in the first arm) and runs them
+    arms = [Arm(arm, arm_config(arm, data, model_section, s, out, device), source=f"demo:{arm}", base_dir=out)
+            for arm in ARMS]
+    check_arms(arms)
+    share_baseline(arms)
+    for arm in arms:
+        say(f"arm {arm.name}: {describe_mixture(arm.name, s)}")
         clock = time.perf_counter()
-        result = train(cfg, progress=progress)
-        timings[f"{arm}_s"] = time.perf_counter() - clock
-        if result.status != "completed":
-            raise KeepmixError(f"demo arm {arm} ended with status {result.status!r}; see {run_dir}/metrics.jsonl")
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # final/ holds the trained weights
-        results[arm] = run_dir
+        run_arm(arm, progress=progress, keep_checkpoints=False, say=say)
+        timings[f"{arm.name}_s"] = time.perf_counter() - clock
+        results[arm.name] = arm.run_dir
         if reports:
-            _render_report([run_dir])
+            _render_report([arm.run_dir])
 
     verdict = build_verdict({arm: read_evals(results[arm]) for arm in ARMS}, s)
     verdict.update({
@@ -198,9 +198,7 @@ def arm_config(arm: str, data: DemoData, model_section: dict, s: DemoSettings, o
                   "steps": s.steps, "lr": s.lr, "lr_schedule": s.lr_schedule, "warmup": s.warmup,
                   "decay": s.decay, "seed": s.seed, "device": device, "threads": s.threads,
                   "split_docs": False, "checkpoint_every": None, "keep_checkpoints": 1},
-        "eval": {"every": None, "batch_size": 8, "max_valid_tokens": s.max_valid_tokens, "tasks": [sql_task],
-                 # the same base model on the same held-out data: evaluate it once, in the first arm
-                 "baseline_from": str(out / ARMS[0]) if arm != ARMS[0] else None},
+        "eval": {"every": None, "batch_size": 8, "max_valid_tokens": s.max_valid_tokens, "tasks": [sql_task]},
         "output": str(out / arm),
         "cache_dir": str(out / "cache"),
     }

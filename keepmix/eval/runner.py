@@ -49,7 +49,7 @@ def evaluate(config: RunConfig | str | Path, models: list[str], overrides: dict 
              device: str | None = None) -> dict[str, dict[str, float]]:
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"))
-    from keepmix.eval.tasks import check_tasks, run_task
+    from keepmix.eval.tasks import check_tasks
 
     check_tasks(list(cfg.eval.tasks), Path(cfg.base_dir))
     base, generated = None, {}
@@ -64,22 +64,31 @@ def evaluate(config: RunConfig | str | Path, models: list[str], overrides: dict 
     results = {}
     for name in models:
         model, tokenizer = _load(cfg, name)
-        model.to(device).eval()
-        sources = prepare_sources(cfg, tokenizer, log=lambda _: None, generated=generated)
-        # a model with another vocabulary has no next-token distribution comparable with the base's
-        comparable = base is not None and model.get_output_embeddings().weight.shape == base.head.weight.shape
-        metrics = validation_metrics(LossModel(model, cfg.train.loss_impl, base if comparable else None),
-                                     [(s.name, s.valid) for s in sources],
-                                     seq_len=cfg.train.seq_len, batch_size=cfg.eval.batch_size,
-                                     pad_id=tokenizer.pad_token_id, device=device,
-                                     max_tokens=cfg.eval.max_valid_tokens, kl_to_base=comparable)
-        for task in cfg.eval.tasks:
-            for key, value in run_task(task, model, tokenizer, base_dir=Path(cfg.base_dir), device=device,
-                                       batch_size=cfg.eval.batch_size).items():
-                metrics[f"task/{task.name}/{key}"] = value
-        results[name] = metrics
+        results[name] = model_metrics(cfg, model, tokenizer, base=base, generated=generated, device=device)
         del model
     return results
+
+
+def model_metrics(cfg: RunConfig, model, tokenizer, *, base=None, generated: dict | None = None,
+                  device: torch.device) -> dict[str, float]:
+    """One in-memory model's held-out and task metrics (the keys a run's evals log); `base` a FrozenBase
+    for valid/<source>/kl_to_base, `generated` the self-rehearsal sources' files."""
+    from keepmix.eval.tasks import run_task
+
+    model.to(device).eval()
+    sources = prepare_sources(cfg, tokenizer, log=lambda _: None, generated=generated or {})
+    # a model with another vocabulary has no next-token distribution comparable with the base's
+    comparable = base is not None and model.get_output_embeddings().weight.shape == base.head.weight.shape
+    metrics = validation_metrics(LossModel(model, cfg.train.loss_impl, base if comparable else None),
+                                 [(s.name, s.valid) for s in sources],
+                                 seq_len=cfg.train.seq_len, batch_size=cfg.eval.batch_size,
+                                 pad_id=tokenizer.pad_token_id, device=device,
+                                 max_tokens=cfg.eval.max_valid_tokens, kl_to_base=comparable)
+    for task in cfg.eval.tasks:
+        for key, value in run_task(task, model, tokenizer, base_dir=Path(cfg.base_dir), device=device,
+                                   batch_size=cfg.eval.batch_size).items():
+            metrics[f"task/{task.name}/{key}"] = value
+    return metrics
 
 
 def print_comparison(results: dict[str, dict[str, float]]) -> None:
@@ -105,3 +114,8 @@ def print_comparison(results: dict[str, dict[str, float]]) -> None:
                 cells.append(f"{value:.4g} ({value - first:+.3g})")
         table.add_row(key, *cells)
     Console().print(table)
+
+
+def load_base(cfg: RunConfig):
+    """The config's model, untouched (model, tokenizer)."""
+    return _load(cfg, "base")

@@ -13,25 +13,26 @@ Every arm evaluates at step 0, halfway and at the end. The experiment prints and
 prose and code token accuracy (and the change from the base), KL to the base on prose and code, tokens/s
 of the training steps, wall time — the time the base model took to write the rehearsal documents, and the
 correlation between the halfway KL to base and the end's token-accuracy retention over arms and sources.
-A completed arm whose config is unchanged is reused.
+The arms run through the sweep's arm runner (keepmix.sweep.arms): a completed arm whose config is
+unchanged is reused, an interrupted one resumes, and the base model is evaluated once per group of arms
+that share it.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
-from keepmix.config import config_to_dict, parse_config
+from keepmix.config import parse_config
 from keepmix.demo.data import build_demo_data
 from keepmix.demo.model import prepare_model
 from keepmix.demo.run import FULL, QUICK, arm_config
-from keepmix.errors import KeepmixError
 from keepmix.report.metrics import evals, of_kind, read_metrics, run_status
+from keepmix.sweep.arms import Arm, check_arms, run_arm, share_baseline
 
 ARMS = ("finetune_only", "keepmix", "keepmix_kl", "keepmix_self")
 KEPT = ("prose", "code")
@@ -43,7 +44,6 @@ def anchor_arm_config(arm: str, data, model_section: dict, s, out: Path, device:
     cfg = arm_config("finetune_only" if arm == "finetune_only" else "keepmix", data, model_section, s, out, device)
     cfg["output"] = str(out / arm)
     cfg["eval"]["every"] = max(s.steps // 2, 1)
-    cfg["eval"]["baseline_from"] = str(out / ARMS[0]) if arm in ("keepmix", "keepmix_kl") else None
     if arm == "keepmix_kl":
         for source in cfg["sources"]:
             if source["name"] in KEPT:
@@ -59,29 +59,6 @@ def anchor_arm_config(arm: str, data, model_section: dict, s, out: Path, device:
         cfg["sources"].append({"name": "self", "floor": share, "valid_docs": max(self_docs // 8, 2),
                                "generate": {"n_docs": self_docs, "max_new_tokens": s.seq_len, "temperature": 1.0,
                                             "batch_size": 16}})
-    return cfg
-
-
-def _train_or_reuse(cfg_data: dict, progress: str):
-    from keepmix.training.loop import train
-
-    cfg = parse_config(cfg_data, source=f"anchors experiment ({Path(cfg_data['output']).name})",
-                       base_dir=Path(cfg_data["output"]).parent)
-    run_dir = Path(cfg_data["output"])
-    saved = run_dir / "config.yaml"
-    if saved.exists():
-        import yaml
-
-        status = run_status(read_metrics(run_dir / "metrics.jsonl")).status if (run_dir / "metrics.jsonl").exists() \
-            else None
-        if status == "completed" and yaml.safe_load(saved.read_text()) == config_to_dict(cfg):
-            print(f"{run_dir}: reusing the completed run (same config)")
-            return cfg
-        raise KeepmixError(f"{run_dir} already holds another or an unfinished run; delete it or pass another --out")
-    result = train(cfg, progress=progress)
-    if result.status != "completed":
-        raise KeepmixError(f"arm {run_dir.name} ended with status {result.status!r}")
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return cfg
 
 
@@ -159,15 +136,18 @@ def run_anchors_experiment(out: Path, *, quick: bool = False, beta: float = 1.0,
     self_docs = max(int(s.steps * s.batch_size * sum(s.floors[k] for k in KEPT)) + 8, 16)
     info: dict = {}
     run_dirs = {}
-    for arm in ARMS:
-        cfg_data = anchor_arm_config(arm, data, model_section, s, out, device, beta, self_docs)
-        if arm == "keepmix_self":
-            info["generation"] = _time_generation(cfg_data, out)
-        print(f"anchors experiment: arm {arm}", flush=True)
+    arms = [Arm(arm, anchor_arm_config(arm, data, model_section, s, out, device, beta, self_docs),
+                source=f"anchors experiment ({arm})", base_dir=out) for arm in ARMS]
+    check_arms(arms)
+    share_baseline(arms)  # the self-rehearsal arm has another source, so it evaluates its own baseline
+    for arm in arms:
+        if arm.name == "keepmix_self":
+            info["generation"] = _time_generation(arm.config, out)
+        print(f"anchors experiment: arm {arm.name}", flush=True)
         clock = time.perf_counter()
-        _train_or_reuse(cfg_data, progress)
-        info[f"{arm}_s"] = round(time.perf_counter() - clock, 1)
-        run_dirs[arm] = out / arm
+        run_arm(arm, progress=progress, keep_checkpoints=False)
+        info[f"{arm.name}_s"] = round(time.perf_counter() - clock, 1)
+        run_dirs[arm.name] = arm.run_dir
     baseline = evals(read_metrics(out / ARMS[0] / "metrics.jsonl"))[0]["metrics"]
     summary = summarize(run_dirs, baseline)
     summary.update(info=info, beta=beta, mode="quick" if quick else "full", total_s=time.perf_counter() - started,

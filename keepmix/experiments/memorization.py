@@ -23,12 +23,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
-from keepmix.config import config_to_dict, parse_config
 from keepmix.diagnostics.memorization import diagnose, format_diagnostics
 from keepmix.errors import KeepmixError
 from keepmix.report.metrics import read_diagnostics, read_metrics, run_status
+from keepmix.sweep.arms import Arm, run_arm, share_baseline
 
 SOURCE = "qa"
 ARMS = ("low_lr", "high_lr")
@@ -229,24 +227,14 @@ def arm_config(model: dict, data: Path, run_dir: Path, cache: Path, *, scale: Sc
     }
 
 
-def _completed(run_dir: Path) -> bool:
-    metrics = run_dir / "metrics.jsonl"
-    return metrics.exists() and run_status(read_metrics(metrics)).status == "completed"
-
-
 def _train_or_reuse(data: dict, run_dir: Path, progress: str) -> Path:
-    from keepmix.training.loop import train
-
-    cfg = parse_config(data, source=f"memorization experiment ({run_dir.name})", base_dir=run_dir.parent)
-    saved = run_dir / "config.yaml"
-    if saved.exists():
-        if _completed(run_dir) and yaml.safe_load(saved.read_text()) == config_to_dict(cfg):
-            print(f"{run_dir}: reusing the completed run (same config)")
-            return run_dir
-        raise KeepmixError(f"{run_dir} already holds another or an unfinished run; delete that folder or "
-                           "pass another --out")
-    train(cfg, progress=progress)
+    """One run through the sweep's arm runner: trained, resumed, or reused when completed with this config."""
+    run_arm(_arm(data, run_dir), progress=progress)
     return run_dir
+
+
+def _arm(data: dict, run_dir: Path) -> Arm:
+    return Arm(run_dir.name, data, source=f"memorization experiment ({run_dir.name})", base_dir=run_dir.parent)
 
 
 # ---- comparison -------------------------------------------------------------------------------------
@@ -330,9 +318,12 @@ def run_experiment(out: Path, scale: Scale, model: dict | None, *, progress: str
     tokenizer = load_tokenizer(model["name"], gguf_file=model.get("gguf_file"))
     seq_len = write_qa_data(out / "data", tokenizer, scale)
     arms = {}
-    for arm, lr in zip(ARMS, (scale.low_lr, scale.high_lr)):
-        run_dir = _train_or_reuse(arm_config(model, out / "data", out / arm, out / "cache", scale=scale, lr=lr,
-                                             seq_len=seq_len), out / arm, progress)
+    runs = [_arm(arm_config(model, out / "data", out / arm, out / "cache", scale=scale, lr=lr, seq_len=seq_len),
+                 out / arm) for arm, lr in zip(ARMS, (scale.low_lr, scale.high_lr))]
+    share_baseline(runs)  # the arms differ only in the LR: the untouched model is evaluated once
+    for run, arm, lr in zip(runs, ARMS, (scale.low_lr, scale.high_lr)):
+        run_arm(run, progress=progress)
+        run_dir = run.run_dir
         d = read_diagnostics(run_dir) or diagnose(run_dir)  # a completed run has diagnosed itself
         print(f"\n=== {arm} (lr {lr:g}) ===\n{format_diagnostics(d)}")
         arms[arm] = _arm_summary(lr, run_dir, d)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import datetime
 import html
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,6 +269,27 @@ def _diagnostics_block(runs: list[RunData]) -> str:
     return "<section><h2>Memorization</h2>" + _side_by_side(runs, blocks) + "</section>"
 
 
+def _merge_block(runs: list[RunData]) -> str:
+    """The run's `keepmix merge` points (merge.json): each α's task and token-accuracy changes vs base."""
+    blocks, any_merge = [], False
+    for run in runs:
+        path = run.run_dir / "merge.json"
+        if not path.exists():
+            blocks.append('<p class="note">No merge.json (keepmix merge) in this run.</p>')
+            continue
+        any_merge = True
+        points = json.loads(path.read_text())["points"]
+        keys = [k for k in points[0]["retention"] if k.startswith("task/") or k.endswith("/token_acc")]
+        rows = [[fmt(p["alpha"]) + (" (base)" if p["reused"] else "")]
+                + [f"{fmt(p['retention'][k]['now'])} ({100 * p['retention'][k]['delta']:+.1f})" for k in keys]
+                for p in points]
+        blocks.append(_table([esc(h) for h in ("α", *keys)], [[esc(c) for c in r] for r in rows]))
+    if not any_merge:
+        return ""
+    return ("<section><h2>Merge toward the base (θ0 + α(θ − θ0))</h2>" + _side_by_side(runs, blocks)
+            + "</section>")
+
+
 def _config_block(run: RunData) -> str:
     cfg = run.config
     if cfg is None:
@@ -360,6 +382,7 @@ def _page(runs: list[RunData], images: dict[str, bytes]) -> str:
         "<section><h2>Timing</h2>" + _timing_block(runs) + "</section>",
         "<section><h2>Plots</h2>" + _plots_block(images) + "</section>",
         _diagnostics_block(runs),
+        _merge_block(runs),
         "<section><h2>Config</h2>" + _side_by_side(runs, [_config_block(r) for r in runs]) + "</section>",
     ]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -94,6 +94,8 @@ class Session:
         self._found = self._plan_run_dir(resume)
         self._latest = self._found.path if self._found else None
         self.resumed_from = int(self._latest.name.split("-")[1]) if self._latest else None
+        self._warm = self._read_warm_start() if self._found is None else None  # a resume ignores init_from
+        self._warm_record: dict | None = None  # what the warm start took, for the start record
         self.state.resumed_from = self.resumed_from
         self._trackers = None
         self._clock = time.perf_counter()
@@ -240,6 +242,8 @@ class Session:
         fails before this point leaves the run directory as it was."""
         if self._found is not None:
             self._restore(sampler, optimizer, scheduler)
+        elif self._warm is not None:
+            self._warm_start(sampler, optimizer)
         self.accelerator.wait_for_everyone()  # every process has checked and restored before any write
         self._committed = True
         if self.main:
@@ -292,6 +296,7 @@ class Session:
             "output": str(self.run_dir), "world_size": self.accelerator.num_processes,
             **({"damaged_checkpoints": {p.name: why for p, why in self._found.damaged}}
                if self._found and self._found.damaged else {}),
+            **({"init_from": self._warm_record} if self._warm_record else {}),
         })
 
     def log_train(self, totals: dict, names: list[str], weights: np.ndarray, lr: float, grad_norm: float,
@@ -388,20 +393,14 @@ class Session:
         and tasks, so evaluating it again would give the same numbers — or None when not set."""
         if not self.cfg.eval.baseline_from:
             return None
-        from keepmix.config import BASELINE_SAFE_KEYS
+        from keepmix.config import baseline_changes
 
         other = Path(self.cfg.resolve_local(self.cfg.eval.baseline_from))
-
-        def comparable(data: dict) -> dict:
-            # sources by position, so a difference names its key (sources.0.path); floors only steer training
-            return {**data, "sources": {str(i): {k: v for k, v in src.items() if k not in ("floor", "kl_to_base")}
-                                        for i, src in enumerate(data["sources"])}}
-
         try:
             saved = yaml.safe_load((other / "config.yaml").read_text())
         except (OSError, yaml.YAMLError) as err:
             raise KeepmixError(f"eval.baseline_from: cannot read {other / 'config.yaml'} ({err})") from None
-        changed = changed_keys(comparable(saved), comparable(config_to_dict(self.cfg)), safe=BASELINE_SAFE_KEYS)
+        changed = baseline_changes(saved, config_to_dict(self.cfg))
         if changed:
             raise KeepmixError(f"eval.baseline_from: {other} evaluated another model or other data: "
                                f"{', '.join(changed)} differ; its baseline would not be this run's")
@@ -484,6 +483,45 @@ class Session:
         self._found.loaded = None  # the weights now live in the model: free the copy
         self._clock = time.perf_counter()
         self.progress.message(f"resumed from {self._latest} (step {st.step})")
+
+    def _read_warm_start(self) -> dict | None:
+        """train.init_from's checkpoint, verified and read whole before anything is written."""
+        init = self.cfg.train.init_from
+        if init is None:
+            return None
+        path = ckpt.step_dir(Path(self.cfg.resolve_local(init.run)) / "checkpoints", init.step)
+        loaded = ckpt.read_checkpoint(path)
+        if loaded["sharded"] is not None or self.fsdp:
+            raise KeepmixError(f"train.init_from: {path} is sharded or this run is (FSDP); a warm start needs "
+                               f"unsharded weights on both sides")
+        if init.optimizer and loaded["optimizer"] is None:
+            raise KeepmixError(f"train.init_from.optimizer: {path} holds no optimizer state")
+        return {"path": path, **loaded}
+
+    def _warm_start(self, sampler, optimizer) -> None:
+        """Weights (and, on request, AdamW moments) from another run's checkpoint; this run's LR schedule and
+        step counter start fresh. Each source's document stream continues where that run stopped when
+        both runs read the same data with the same split and seed, so the arm does not see the prefix's
+        documents again first."""
+        warm, init = self._warm, self.cfg.train.init_from
+        load_trainable_state(self.accelerator.unwrap_model(self.model), warm["weights"])
+        if init.optimizer:
+            fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            optimizer.load_state_dict(warm["optimizer"])
+            for group, hyper in zip(optimizer.param_groups, fresh):
+                group.update(hyper)  # this run's lr, betas, eps and weight decay, not the prefix's
+        from keepmix.config import baseline_changes
+
+        # the same sources, split and seed (what the baseline check compares): the streams are the same
+        continued = warm["config"] is not None and not baseline_changes(warm["config"], config_to_dict(self.cfg))
+        if continued:
+            for stream, state in zip(sampler.streams, warm["state"]["sampler"]["streams"]):
+                stream.load_state_dict(state)
+        self._warm_record = {"run": str(warm["path"].parent.parent), "step": init.step,
+                             "checkpoint": str(warm["path"]), "optimizer": init.optimizer,
+                             "data": "continued" if continued else "fresh"}
+        self._warm = None  # the weights now live in the model
+        self.progress.message(f"warm start from {warm['path']} (weights{' and optimizer' if init.optimizer else ''})")
 
     def save_final(self) -> Path | None:
         """final/ in Hugging Face format, written by the main process (under FSDP every process first

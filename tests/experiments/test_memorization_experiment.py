@@ -81,5 +81,5 @@ def test_both_arms_make_three_passes_and_are_compared(tmp_path, capsys):
     again = run_experiment(tmp_path / "x", SCALE, None, progress="quiet")
     assert "reusing the completed run" in capsys.readouterr().out
     assert again["arms"]["high_lr"]["loss_by_view"] == summary["arms"]["high_lr"]["loss_by_view"]
-    with pytest.raises(KeepmixError, match="low_lr already holds another"):
+    with pytest.raises(KeepmixError, match=r"arm low_lr: .*low_lr holds a run of another config \(train\.lr differ\)"):
         run_experiment(tmp_path / "x", Scale(**{**SCALE.__dict__, "low_lr": 5e-4}), None, progress="quiet")
