@@ -314,17 +314,23 @@ def _tasks(runs: list[PlotRun]) -> Figure | None:
         keys += [k for k in m.metric_keys(r.records, "task/") if k not in keys and is_score(k)]
     if not keys:
         return None
+    lines = [(key, key.removeprefix("task/"), lambda i, k=k: SOURCE_COLORS[k % len(SOURCE_COLORS)], f"task:{{run}}:{key}")
+             for k, key in enumerate(keys)]
+    return _eval_lines(runs, lines, "score")
+
+
+def _eval_lines(runs: list[PlotRun], lines: list[tuple], ylabel: str) -> Figure:
+    """One axes of eval series: per line (metric key, label, color of run i, gid with {run}), per run."""
     fig = Figure(figsize=(7.5, 3.6), layout="constrained")
     ax = fig.subplots()
     for i, run in enumerate(runs):
-        for k, key in enumerate(keys):
+        for key, label, color, gid in lines:
             s = m.eval_series(run.records, key)
             if s.steps:
-                label = key.removeprefix("task/") + (f" ({run.label})" if len(runs) > 1 else "")
-                ax.plot(s.steps, s.values, marker="o", ms=4, color=SOURCE_COLORS[k % len(SOURCE_COLORS)],
-                        ls=RUN_STYLES[i % len(RUN_STYLES)], label=label, gid=f"task:{run.label}:{key}")
+                ax.plot(s.steps, s.values, marker="o", ms=4, color=color(i), ls=RUN_STYLES[i % len(RUN_STYLES)],
+                        label=label + (f" ({run.label})" if len(runs) > 1 else ""), gid=gid.format(run=run.label))
     ax.set_xlabel("step")
-    ax.set_ylabel("score")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
@@ -333,20 +339,9 @@ def _tasks(runs: list[PlotRun]) -> Figure | None:
 def _kl_to_base(runs: list[PlotRun], sources: list[str]) -> Figure | None:
     if not any(m.eval_series(r.records, f"valid/{src}/kl_to_base").steps for r in runs for src in sources):
         return None
-    fig = Figure(figsize=(7.5, 3.6), layout="constrained")
-    ax = fig.subplots()
-    for i, run in enumerate(runs):
-        for source in sources:
-            s = m.eval_series(run.records, f"valid/{source}/kl_to_base")
-            if s.steps:
-                label = source + (f" ({run.label})" if len(runs) > 1 else "")
-                ax.plot(s.steps, s.values, marker="o", ms=4, color=_color(runs, i, sources, source),
-                        ls=RUN_STYLES[i % len(RUN_STYLES)], label=label, gid=f"kl:{run.label}:{source}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("KL to base (nats / token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return fig
+    lines = [(f"valid/{src}/kl_to_base", src, lambda i, src=src: _color(runs, i, sources, src), f"kl:{{run}}:{src}")
+             for src in sources]
+    return _eval_lines(runs, lines, "KL to base (nats / token)")
 
 
 def _loss_by_view(runs: list[PlotRun], sources: list[str]) -> Figure | None:
