@@ -2,9 +2,13 @@
 
     python bench/guard_arms.py --out guard_runs                 # the three arms, the demo's FULL settings
     python bench/guard_arms.py --out guard_runs --only guarded --every 2 --tolerance 0.01   # retry one arm
+    python bench/guard_arms.py --out guard_runs --only guarded guarded_kl --kl 1   # the guard with KL to base
 
+`guarded_kl` is the guarded arm plus `kl_to_base: --kl` on prose and code (docs/ANCHORS.md); it runs only
+when named in --only.
 Every arm is `keepmix.demo.run.arm_config` (the demo's data, model, budget and evals); the guarded arm is
-the static keepmix arm plus `mixture.guard`. The base model is evaluated once (the first arm) and reused.
+the static keepmix arm plus `mixture.guard`. The base model is evaluated once (by the first arm trained, or
+read from the finetune_only arm when it is there) and reused.
 An arm already in --out is read, not trained again, unless it is named in --only. Prints one table (the
 final eval of each arm, deltas vs base in points) and the guard's cost: probe seconds as a share of
 training-step seconds, and of the arm's wall time.
@@ -27,7 +31,7 @@ from keepmix.demo.run import COLUMNS, FULL, QUICK, arm_config
 from keepmix.report.metrics import of_kind, read_metrics
 from keepmix.training.loop import train
 
-ARMS = ("finetune_only", "static", "guarded")
+ARMS = ("finetune_only", "static", "guarded", "guarded_kl")
 
 
 def main() -> None:
@@ -36,6 +40,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--only", nargs="*", default=None, help="arms to (re)train; the others are read if present")
+    ap.add_argument("--kl", type=float, default=1.0, help="kl_to_base on prose and code in the guarded_kl arm")
     ap.add_argument("--guard", default="{}", help="mixture.guard as JSON; the flags below override its keys")
     for key, kind in (("every", int), ("tolerance", float), ("max_share", float), ("gain", float),
                       ("probe_tokens", int), ("probe_docs", int), ("task_keep", float), ("decay", float)):
@@ -57,16 +62,30 @@ def main() -> None:
         run_dir = out / arm
         if (run_dir / "metrics.jsonl").exists() and (args.only is None or arm not in args.only):
             continue
+        if arm == "guarded_kl" and (args.only is None or arm not in args.only):
+            continue
         shutil.rmtree(run_dir, ignore_errors=True)
-        settings = replace(s, guard=guard if arm == "guarded" else None)
+        settings = replace(s, guard=guard if arm.startswith("guarded") else None)
         cfg = arm_config("finetune_only" if arm == "finetune_only" else "keepmix", data, model, settings, out, "auto")
         cfg["output"] = str(run_dir)
-        cfg["eval"]["baseline_from"] = None if arm == "finetune_only" else str(out / "finetune_only")
+        if arm == "guarded_kl":
+            for source in cfg["sources"]:
+                if source["name"] in ("prose", "code"):
+                    source["kl_to_base"] = args.kl
+        cfg["eval"]["baseline_from"] = baseline_run(out, exclude=arm)
         clock = time.perf_counter()
         train(parse_config(cfg, source=f"guard_arms:{arm}", base_dir=out), progress="plain")
         wall[arm] = time.perf_counter() - clock
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     report(out, wall)
+
+
+def baseline_run(out: Path, exclude: str) -> str | None:
+    """An arm already in --out whose step-0 eval is the base model's (None: this arm evaluates it)."""
+    for arm in ARMS:
+        if arm != exclude and (out / arm / "metrics.jsonl").exists():
+            return str(out / arm)
+    return None
 
 
 def report(out: Path, wall: dict) -> None:
@@ -76,7 +95,7 @@ def report(out: Path, wall: dict) -> None:
             continue
         records = read_metrics(out / arm / "metrics.jsonl")
         evals = of_kind(records, "eval")
-        if arm == "finetune_only":
+        if "base" not in rows and evals[0]["step"] == 0:
             rows["base"] = evals[0]["metrics"]
         rows[arm] = evals[-1]["metrics"]
         train_records = of_kind(records, "train")
