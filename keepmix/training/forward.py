@@ -9,7 +9,11 @@ same pass also computes KL(p_base ‖ p_model) at the masked positions and adds 
 base forward runs only on the rows that hold a masked position, and the call returns a fourth output,
 the per-token KL.
 `FrozenBase` is the base model's distribution: a frozen copy of the starting weights, or — for a LoRA
-model — the model itself with its adapter disabled (no second copy in memory).
+model — the model itself with its adapter disabled (no second copy in memory). Its hidden states are a
+fixed function of the rows, and evals score the same held-out rows every time: `hidden(..., remember=True)`
+(what an eval's pass asks for) keeps them, keyed by the rows' token and position ids, up to
+`REMEMBER_BYTES`, so from the second eval on the base costs only its head (the KL needs the base's whole
+distribution, which is the head's product). Training rows are not kept.
 `RowStats` turns the detached per-token outputs into per-source sums and per-segment losses — the
 training metrics and the exposure log — without another forward pass.
 """
@@ -19,11 +23,15 @@ from __future__ import annotations
 import copy
 
 import torch
+import xxhash
 from torch import nn
 
 from keepmix.data.packing import Rows
 from keepmix.model import adapter_disabled, is_adapted, trunk_and_head
 from keepmix.training.losses import BaseLogits, full_linear_cross_entropy, fused_linear_cross_entropy
+
+
+REMEMBER_BYTES = 1 << 30  # base hidden states an eval may keep (SmolLM2, 3 x 3,072 held-out tokens: 21 MB)
 
 
 class FrozenBase:
@@ -39,6 +47,8 @@ class FrozenBase:
         else:
             self.copy = None if is_adapted(model) else copy.deepcopy(model).requires_grad_(False).eval()
         self.trunk, self.head = trunk_and_head(self.copy if self.copy is not None else model)
+        self._remembered: dict[tuple, torch.Tensor] = {}
+        self._remembered_bytes = 0
 
     def to(self, device) -> FrozenBase:
         if self.copy is not None:
@@ -46,11 +56,25 @@ class FrozenBase:
         return self
 
     @torch.no_grad()
-    def hidden(self, input_ids, position_ids) -> torch.Tensor:
+    def hidden(self, input_ids, position_ids, remember: bool = False) -> torch.Tensor:
+        """The base's final hidden states of the rows; `remember`: keep them for the same rows next time."""
+        key = None
+        if remember:
+            digest = xxhash.xxh3_128(input_ids.cpu().numpy().tobytes())
+            digest.update(position_ids.cpu().numpy().tobytes())
+            key = (tuple(input_ids.shape), digest.hexdigest())
+            if key in self._remembered:
+                return self._remembered[key]
         if self.copy is not None:
-            return self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        with adapter_disabled(self._model):
-            return self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            out = self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        else:
+            with adapter_disabled(self._model):
+                out = self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        size = out.numel() * out.element_size()
+        if key is not None and self._remembered_bytes + size <= REMEMBER_BYTES:
+            self._remembered[key] = out
+            self._remembered_bytes += size
+        return out
 
 
 class LossModel(nn.Module):
@@ -98,7 +122,9 @@ class LossModel(nn.Module):
         rows = kl_mask.reshape(b, t).any(dim=1).nonzero().squeeze(1)
         base_hidden = flat.new_zeros(b, t, self.base.head.weight.shape[1])
         if rows.numel():
-            base_hidden[rows] = self.base.hidden(input_ids[rows], position_ids[rows]).to(base_hidden.dtype)
+            # an eval (the loss model in eval mode) scores the same held-out rows every time
+            base_hidden[rows] = self.base.hidden(input_ids[rows], position_ids[rows],
+                                                 remember=not self.training).to(base_hidden.dtype)
         return BaseLogits(base_hidden.reshape(b * t, -1), self.base.head.weight, self.base.head.bias,
                           kl_weights.reshape(-1).detach(), kl_mask.reshape(-1))
 
