@@ -150,14 +150,14 @@ def bench_model(label: str, cfg, model, tokenizer, base, rounds: int) -> list[st
     return lines
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trained", type=Path, help="a trained model folder (a run's final/) to time as well")
     p.add_argument("--quick", action="store_true", help="the QUICK demo's eval sizes")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "keepmix-bench-eval")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from keepmix.model import load_model
