@@ -24,6 +24,7 @@ from keepmix.diagnostics.exposures import ExposureWriter
 from keepmix.diagnostics.memorization import diagnose
 from keepmix.errors import KeepmixError, NonFiniteLossError
 from keepmix.eval.lm import validation_metrics
+from keepmix.training.compiled import eager_while
 from keepmix.training.anchor import WeightAnchor
 from keepmix.training.forward import LossModel, RowStats, run_rows
 from keepmix.training.session import Session, open_session
@@ -88,19 +89,21 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
     micro = t.micro_batch_size or t.batch_size // world  # rows per forward pass, per process
 
     def evaluate() -> None:
-        metrics = validation_metrics(loss_model, valid, seq_len=t.seq_len, batch_size=cfg.eval.batch_size,
-                                     pad_id=pad_id, device=acc.device, max_tokens=cfg.eval.max_valid_tokens,
-                                     rank=rank, world_size=world, reduce=acc.reduce, lockstep=s.fsdp,
-                                     kl_to_base=base is not None and cfg.eval.kl_to_base)
-        metrics.update(s.run_tasks())
+        with eager_while(bool(t.compile)):  # evals change shapes from call to call: no compiles for them
+            metrics = validation_metrics(loss_model, valid, seq_len=t.seq_len, batch_size=cfg.eval.batch_size,
+                                         pad_id=pad_id, device=acc.device, max_tokens=cfg.eval.max_valid_tokens,
+                                         rank=rank, world_size=world, reduce=acc.reduce, lockstep=s.fsdp,
+                                         kl_to_base=base is not None and cfg.eval.kl_to_base)
+            metrics.update(s.run_tasks())
         s.log_eval(metrics)
 
     def check_guard() -> float:
         """The guard's check: score its probe (reduced over processes: the same decision everywhere)."""
         clock = time.perf_counter()
-        metrics = validation_metrics(loss_model, probes, seq_len=t.seq_len, batch_size=cfg.eval.batch_size,
-                                     pad_id=pad_id, device=acc.device, rank=rank, world_size=world,
-                                     reduce=acc.reduce, lockstep=s.fsdp)
+        with eager_while(bool(t.compile)):
+            metrics = validation_metrics(loss_model, probes, seq_len=t.seq_len, batch_size=cfg.eval.batch_size,
+                                         pad_id=pad_id, device=acc.device, rank=rank, world_size=world,
+                                         reduce=acc.reduce, lockstep=s.fsdp)
         guard.observe(state.step, {name: metrics[f"valid/{name}/{guard.metric}"] for name, _ in probes})
         return time.perf_counter() - clock
 

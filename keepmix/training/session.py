@@ -159,7 +159,12 @@ class Session:
             self._root = sharding.shard(loss_model.to(acc.device), self.model, bf16=acc.mixed_precision == "bf16")
             return torch.compile(self._root) if self.cfg.train.compile else self._root
         if self.cfg.train.compile:
-            loss_model = torch.compile(loss_model)
+            from keepmix.data.build import cache_root
+            from keepmix.training.compiled import compile_for_training
+
+            how = "blocks" if self.cfg.train.compile is True else self.cfg.train.compile
+            loss_model = compile_for_training(loss_model, self.model, how, cache_root(self.cfg),
+                                              log=self.progress.message)
         return acc.prepare(loss_model)
 
     def no_sync(self, loss_model, sync: bool):
