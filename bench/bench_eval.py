@@ -68,16 +68,16 @@ def setup(work: Path, quick: bool):
     return cfg, s
 
 
-def time_heldout(cfg, model, tokenizer, base, kl: bool) -> float:
+def time_heldout(cfg, model, tokenizer, base) -> float:
     from keepmix.data.build import prepare_sources
     from keepmix.eval.lm import validation_metrics
     from keepmix.training.forward import LossModel
 
     sources = prepare_sources(cfg, tokenizer, log=lambda _: None)
     clock = time.perf_counter()
-    validation_metrics(LossModel(model, cfg.train.loss_impl, base if kl else None), [(s.name, s.valid) for s in sources],
+    validation_metrics(LossModel(model, cfg.train.loss_impl, base), [(s.name, s.valid) for s in sources],
                        seq_len=cfg.train.seq_len, batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id,
-                       device="cpu", max_tokens=cfg.eval.max_valid_tokens, kl_to_base=kl)
+                       device="cpu", max_tokens=cfg.eval.max_valid_tokens, kl_to_base=base is not None)
     return time.perf_counter() - clock
 
 
@@ -96,6 +96,17 @@ def time_generation(model, tokenizer, task, items, reuse: bool) -> tuple[dict, l
             "loop": total - clock.prefill - clock.decode}, texts
 
 
+def time_static_generation(model, tokenizer, task, items) -> tuple[dict, list[str]]:
+    """model.generate with transformers' pre-allocated StaticCache (cache_implementation="static"): what a
+    cache that is not re-concatenated at every step buys on this machine."""
+    original = model.generate
+    model.generate = lambda **kw: original(**kw, cache_implementation="static")
+    try:
+        return time_generation(model, tokenizer, task, items, reuse=False)
+    finally:
+        model.generate = original
+
+
 def time_scoring(task, items, texts: list[str], base_dir: Path) -> float:
     from keepmix.eval.sql import execute_sql, extract_sql, gold_results
     from keepmix.eval.tasks import resolve_path
@@ -112,22 +123,32 @@ def median_spread(values: list[float]) -> str:
     return f"{statistics.median(values):7.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def bench_model(label: str, cfg, model, tokenizer, base, rounds: int) -> list[str]:
+def bench_model(label: str, cfg, model, tokenizer, base_model, rounds: int, static: bool = False) -> list[str]:
+    """`base_model`: the base for KL to base — a fresh FrozenBase per round for an eval that computes the
+    base's hidden states (the first of a run), a kept one for the later evals."""
     from keepmix.eval.tasks import load_items
+    from keepmix.training.forward import FrozenBase
 
     task = cfg.eval.tasks[0]
     items = load_items(task, Path(cfg.base_dir))
-    runs = {False: [], True: []}
+    runs = {False: [], True: [], "static": []}
     texts = {}
-    heldout = {True: [], False: []}
+    heldout = {"first": [], "later": [], "none": []}
     scoring = []
+    kept = FrozenBase(base_model, as_is=True)
+    time_heldout(cfg, model, tokenizer, kept)  # the first eval of a run: the base's hidden states kept
     for r in range(rounds):
-        for kl in (True, False):
-            heldout[kl].append(time_heldout(cfg, model, tokenizer, base, kl))
+        heldout["first"].append(time_heldout(cfg, model, tokenizer, FrozenBase(base_model, as_is=True)))
+        heldout["later"].append(time_heldout(cfg, model, tokenizer, kept))
+        heldout["none"].append(time_heldout(cfg, model, tokenizer, None))
         for reuse in ((False, True) if r % 2 == 0 else (True, False)):
             times, out = time_generation(model, tokenizer, task, items, reuse)
             runs[reuse].append(times)
             texts.setdefault(reuse, out)
+        if static:
+            times, out = time_static_generation(model, tokenizer, task, items)
+            runs["static"].append(times)
+            texts.setdefault("static", out)
         scoring.append(time_scoring(task, items, texts[True], Path(cfg.base_dir)))
     same = texts[False] == texts[True]
     lines = [f"\n{label}: {len(items)} SQL prompts, batch {task.batch_size}, max_new_tokens {task.max_new_tokens}, "
@@ -138,15 +159,27 @@ def bench_model(label: str, cfg, model, tokenizer, base, rounds: int) -> list[st
         new = [t[part] for t in runs[True]]
         ratio = statistics.median(old) / max(statistics.median(new), 1e-9)
         lines.append(f"| generation {part} | {median_spread(old)} | {median_spread(new)} | {ratio:.2f}x |")
-    eval_old = [h + g["total"] + s for h, g, s in zip(heldout[True], runs[False], scoring)]
-    eval_new = [h + g["total"] + s for h, g, s in zip(heldout[True], runs[True], scoring)]
-    lines += [f"| held-out (with KL to base) | {median_spread(heldout[True])} | same | |",
-              f"| held-out (without KL) | {median_spread(heldout[False])} | same | |",
+    # before: every eval computed the base; after: the first eval of a run does, later ones do not
+    eval_old = [h + g["total"] + s for h, g, s in zip(heldout["first"], runs[False], scoring)]
+    eval_new = [h + g["total"] + s for h, g, s in zip(heldout["later"], runs[True], scoring)]
+    first_new = [h + g["total"] + s for h, g, s in zip(heldout["first"], runs[True], scoring)]
+    held_ratio = statistics.median(heldout["first"]) / statistics.median(heldout["later"])
+    lines += [f"| held-out with KL to base | {median_spread(heldout['first'])} | {median_spread(heldout['later'])} "
+              f"(base kept from the run's first eval) | {held_ratio:.2f}x |",
+              f"| held-out without KL | {median_spread(heldout['none'])} | same | |",
               f"| SQL scoring | {median_spread(scoring)} | same | |",
-              f"| whole eval | {median_spread(eval_old)} | {median_spread(eval_new)} | "
+              f"| whole eval, a run's first | {median_spread(eval_old)} | {median_spread(first_new)} | "
+              f"{statistics.median(eval_old) / statistics.median(first_new):.2f}x |",
+              f"| whole eval, later ones | {median_spread(eval_old)} | {median_spread(eval_new)} | "
               f"{statistics.median(eval_old) / statistics.median(eval_new):.2f}x |",
               f"generated texts identical: {'yes' if same else 'NO'} "
               f"({sum(a == b for a, b in zip(texts[False], texts[True]))}/{len(items)})"]
+    if static:
+        old = [t["total"] for t in runs[False]]
+        new = [t["total"] for t in runs["static"]]
+        lines.append(f"model.generate with a StaticCache: {median_spread(new)} s against {median_spread(old)} s "
+                     f"with the DynamicCache ({statistics.median(old) / statistics.median(new):.2f}x); texts "
+                     f"identical: {'yes' if texts['static'] == texts[False] else 'NO'}")
     return lines
 
 
@@ -155,25 +188,24 @@ def main(argv=None) -> None:
     p.add_argument("--trained", type=Path, help="a trained model folder (a run's final/) to time as well")
     p.add_argument("--quick", action="store_true", help="the QUICK demo's eval sizes")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--static", action="store_true", help="also time model.generate with a StaticCache")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "keepmix-bench-eval")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from keepmix.model import load_model
-    from keepmix.training.forward import FrozenBase
 
     cfg, _ = setup(args.work.resolve(), args.quick)
     base_model, tokenizer = load_model(cfg.model.name)
     base_model.eval()
-    base = FrozenBase(base_model, as_is=True)
     lines = []
     with torch.inference_mode():
-        lines += bench_model("base model", cfg, base_model, tokenizer, base, args.rounds)
+        lines += bench_model("base model", cfg, base_model, tokenizer, base_model, args.rounds, args.static)
         if args.trained:
             trained, trained_tokenizer = load_model(str(args.trained))
-            lines += bench_model(f"trained model ({args.trained})", cfg, trained.eval(), trained_tokenizer, base,
-                                 args.rounds)
+            lines += bench_model(f"trained model ({args.trained})", cfg, trained.eval(), trained_tokenizer, base_model,
+                                 args.rounds, args.static)
     print("\n".join(lines))
 
 
