@@ -6,6 +6,9 @@ Arms, on the same model, the same data and the same number of optimizer steps:
   b   HF Trainer with its usual collators (DataCollatorForLanguageModeling pads instructions)
   c   keepmix `train()`: packed rows, per-document attention, fused chunked LM-head cross-entropy,
       fused AdamW
+  d   c with `train.compile: blocks` (the decoder block compiled once for all layers; its compile time is
+      in the untimed warm-up step, printed with the step times; a second run compiles from the cache
+      under the work folder)
 Datasets: `text`, prose chunks of the Python language reference (every token a target), and `instr`,
 prompt/completion pairs of log-normal lengths made from the same prose (the padding-heavy case).
 Each arm runs in its own process (fresh memory for its peak RSS). The arms of a dataset are started
@@ -54,7 +57,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import _workloads as wl  # noqa: E402
 
-ARM_KIND = {"a": "plain", "b": "trainer", "c": "keepmix"}
+ARM_KIND = {"a": "plain", "b": "trainer", "c": "keepmix", "d": "keepmix"}  # d: c with train.compile: blocks
 ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
@@ -205,7 +208,7 @@ def main(argv=None) -> None:
     for dataset, names in arms.items():
         unknown = [n for n in names if n not in ARM_KIND]
         if unknown:
-            raise SystemExit(f"--{dataset}-arms: unknown arm(s) {', '.join(unknown)}; choose from a, b, c")
+            raise SystemExit(f"--{dataset}-arms: unknown arm(s) {', '.join(unknown)}; choose from a, b, c, d")
     base = {"model": str(setup.model), "seq_len": args.seq_len, "batch": args.batch, "lr": 1e-4,
             "steps": args.warmup + args.steps, "cache": str(work / "cache"), "threads": args.threads}
     results = {"model": setup.label, "args": {k: str(v) for k, v in vars(args).items()}, "peaks": {}, "arms": []}
@@ -216,6 +219,7 @@ def main(argv=None) -> None:
         data = setup.datasets[dataset]
         specs_by_dataset[dataset] = specs = [
             {**base, "kind": ARM_KIND[arm], "arm": arm, "dataset": dataset, "out": str(runs / f"{dataset}-{arm}"),
+             "compile": "blocks" if arm == "d" else False,
              "tokens": str(data["tokens"]), "records": str(data["records"])}
             for arm in names]
         # the matmul peak takes its turn with the arms, so it is measured under the load they see
@@ -379,7 +383,7 @@ def render(summary: dict, results: dict, label: str, args) -> str:
     lines.append("")
     for r in summary["rows"]:
         for ref in ("a", "b"):
-            if r["arm"] == "c" and r[f"x_{ref}_rounds"]:
+            if r["arm"] in ("c", "d") and r[f"x_{ref}_rounds"]:
                 rounds = r[f"x_{ref}_rounds"]
                 q1, median, q3 = statistics.quantiles(rounds, n=4) if len(rounds) > 1 else rounds * 3
                 lines.append(f"{r['dataset']} {r['arm']} / {ref}, round by round: median {median:.2f}, quartiles "
