@@ -53,15 +53,25 @@ def shared_prefix_length(rows: list[list[int]], keep: list[int] | None = None) -
 
 
 def reuses_prefix(model) -> bool:
-    """Whether `model` keeps a full KV cache that `forward_after_prefixes` can copy between rows."""
+    """Whether `model` keeps a full KV cache that `forward_after_prefixes` can copy between rows, and its
+    forward takes what that needs (position ids, a cache, logits_to_keep)."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return False
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    if getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
         return False
+    if not {"attention_mask", "position_ids", "logits_to_keep"} <= set(params) or not (
+            "cache" in params or "past_key_values" in params):
+        return False
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     layer_types = getattr(text, "layer_types", None)
-    return not layer_types or all(t == "full_attention" for t in layer_types)
+    if layer_types:  # the per-layer attention kinds, where the config lists them
+        return all(t == "full_attention" for t in layer_types)
+    sliding = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
+    return not sliding and not getattr(text, "attention_chunk_size", None)
 
 
 def forward_after_prefixes(

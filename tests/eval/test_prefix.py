@@ -142,3 +142,20 @@ def test_choices_share_their_context_with_the_same_loglikelihoods(model, tokeniz
     for ref_item, got_item in zip(reference, got, strict=True):
         assert got_item == pytest.approx(ref_item, abs=1e-5)
     assert len({round(x, 3) for x in sum(reference, [])}) > 8  # real, different scores
+
+
+def test_another_architecture_generates_the_same_texts(tokenizer):
+    """Qwen2 (biases in q/k/v, its own RoPE settings) through both paths."""
+    torch.manual_seed(1)
+    config = transformers.Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    qwen = transformers.Qwen2ForCausalLM(config).eval()
+    assert reuses_prefix(qwen)
+    prompts = [SCHEMA + q for q in QUESTIONS]
+    reference = generate_batch(qwen, tokenizer, prompts, max_new_tokens=10, stop=["e"], batch_size=3,
+                               device="cpu", reuse_prefix=False)
+    assert generate_batch(qwen, tokenizer, prompts, max_new_tokens=10, stop=["e"], batch_size=3,
+                          device="cpu") == reference
