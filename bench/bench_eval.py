@@ -188,7 +188,7 @@ def main(argv=None) -> None:
     p.add_argument("--trained", type=Path, help="a trained model folder (a run's final/) to time as well")
     p.add_argument("--quick", action="store_true", help="the QUICK demo's eval sizes")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--static", action="store_true", help="also time model.generate with a StaticCache")
+    p.add_argument("--static", action="store_true", help="also time model.generate with a StaticCache (base model)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "keepmix-bench-eval")
     args = p.parse_args(argv)
@@ -205,7 +205,7 @@ def main(argv=None) -> None:
         if args.trained:
             trained, trained_tokenizer = load_model(str(args.trained))
             lines += bench_model(f"trained model ({args.trained})", cfg, trained.eval(), trained_tokenizer, base_model,
-                                 args.rounds, args.static)
+                                 args.rounds)
     print("\n".join(lines))
 
 
