@@ -13,7 +13,10 @@ model — the model itself with its adapter disabled (no second copy in memory).
 fixed function of the rows, and evals score the same held-out rows every time: `hidden(..., remember=True)`
 (what an eval's pass asks for) keeps them, keyed by the rows' token and position ids, up to
 `REMEMBER_BYTES`, so from the second eval on the base costs only its head (the KL needs the base's whole
-distribution, which is the head's product). Training rows are not kept.
+distribution, which is the head's product). Training rows are not kept. While the model still *is* its
+base (`LossModel.base_is_self`: the step-0 eval of a run that starts from the base's weights), the KL is
+0 by definition: the pass skips the base and the KL arithmetic, returns a KL of 0, and keeps the model's
+own hidden states as the base's for the evals after it.
 `RowStats` turns the detached per-token outputs into per-source sums and per-segment losses — the
 training metrics and the exposure log — without another forward pass.
 """
@@ -58,23 +61,33 @@ class FrozenBase:
     @torch.no_grad()
     def hidden(self, input_ids, position_ids, remember: bool = False) -> torch.Tensor:
         """The base's final hidden states of the rows; `remember`: keep them for the same rows next time."""
-        key = None
-        if remember:
-            digest = xxhash.xxh3_128(input_ids.cpu().numpy().tobytes())
-            digest.update(position_ids.cpu().numpy().tobytes())
-            key = (tuple(input_ids.shape), digest.hexdigest())
-            if key in self._remembered:
-                return self._remembered[key]
+        key = self._key(input_ids, position_ids) if remember else None
+        if key is not None and key in self._remembered:
+            return self._remembered[key]
         if self.copy is not None:
             out = self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         else:
             with adapter_disabled(self._model):
                 out = self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        size = out.numel() * out.element_size()
-        if key is not None and self._remembered_bytes + size <= REMEMBER_BYTES:
-            self._remembered[key] = out
-            self._remembered_bytes += size
+        if key is not None:
+            self._keep(key, out)
         return out
+
+    def remember(self, input_ids, position_ids, hidden: torch.Tensor) -> None:
+        """Keep `hidden` as the base's hidden states of these rows (the model is still the base)."""
+        self._keep(self._key(input_ids, position_ids), hidden.detach())
+
+    @staticmethod
+    def _key(input_ids, position_ids) -> tuple:
+        digest = xxhash.xxh3_128(input_ids.cpu().numpy().tobytes())
+        digest.update(position_ids.cpu().numpy().tobytes())
+        return tuple(input_ids.shape), digest.hexdigest()
+
+    def _keep(self, key: tuple, hidden: torch.Tensor) -> None:
+        size = hidden.numel() * hidden.element_size()
+        if key not in self._remembered and self._remembered_bytes + size <= REMEMBER_BYTES:
+            self._remembered[key] = hidden
+            self._remembered_bytes += size
 
 
 class LossModel(nn.Module):
@@ -87,6 +100,7 @@ class LossModel(nn.Module):
         # the frozen base is no submodule either: nothing of it is trained, synchronised or saved
         self._parts = trunk_and_head(model)
         self._base = (base,)
+        self.base_is_self = False  # set for the step-0 eval of a run whose weights are still the base's
 
     @property
     def trunk(self) -> nn.Module:
@@ -112,6 +126,13 @@ class LossModel(nn.Module):
         if kl_mask is not None:
             if self.base is None:
                 raise ValueError("LossModel: a KL mask was given but the model has no FrozenBase")
+            if self.base_is_self and not self.training:
+                rows = kl_mask.reshape(input_ids.shape).any(dim=1).nonzero().squeeze(1)
+                if rows.numel():
+                    self.base.remember(input_ids[rows], position_ids[rows], hidden[rows])
+                out = fn(flat, self.head.weight, labels.reshape(-1), token_weights.reshape(-1), bias=self.head.bias,
+                         chunk_size=chunk)
+                return (*out, torch.zeros_like(out[1]))  # KL(p ‖ p) = 0
             base = self._base_logits(input_ids, position_ids, flat, kl_weights, kl_mask)
         return fn(flat, self.head.weight, labels.reshape(-1), token_weights.reshape(-1), bias=self.head.bias,
                   chunk_size=chunk, base=base)

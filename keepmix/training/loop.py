@@ -68,7 +68,8 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
     sampler = build_sampler(cfg, sources)
     guard, probes = sampler.guard, guard_probes(cfg, sources)
     base = s.frozen_base()  # the starting model's distribution, for KL terms and the kl_to_base metric
-    loss_model = s.wrap(LossModel(s.model, t.loss_impl, base))  # DDP or FSDP, compiled on request
+    core = LossModel(s.model, t.loss_impl, base)
+    loss_model = s.wrap(core)  # DDP or FSDP, compiled on request
     params = [p for p in loss_model.parameters() if p.requires_grad]
     betas = torch.tensor([src.kl_to_base for src in cfg.sources])  # KL(base ‖ model) weight per source
     kl_on = bool((betas > 0).any())
@@ -89,12 +90,15 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
     micro = t.micro_batch_size or t.batch_size // world  # rows per forward pass, per process
 
     def evaluate() -> None:
+        # at step 0 of a run that starts from the base's weights the model is its base: KL 0, base skipped
+        core.base_is_self = state.step == 0 and s.starts_from_base and base is not None and base.copy is not None
         with eager_while(bool(t.compile)):  # evals change shapes from call to call: no compiles for them
             metrics = validation_metrics(loss_model, valid, seq_len=t.seq_len, batch_size=cfg.eval.batch_size,
                                          pad_id=pad_id, device=acc.device, max_tokens=cfg.eval.max_valid_tokens,
                                          rank=rank, world_size=world, reduce=acc.reduce, lockstep=s.fsdp,
                                          kl_to_base=base is not None and cfg.eval.kl_to_base)
             metrics.update(s.run_tasks())
+        core.base_is_self = False
         s.log_eval(metrics)
 
     def check_guard() -> float:

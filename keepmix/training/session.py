@@ -148,6 +148,11 @@ class Session:
         # whole, unsharded copy per process; a LoRA base is the sharded model itself, its adapter off
         return FrozenBase(self.model).to(self.accelerator.device)
 
+    @property
+    def starts_from_base(self) -> bool:
+        """Whether the weights at step 0 are the base's (`frozen_base`): no resume, no warm start, not sharded."""
+        return self._found is None and self._warm_record is None and not self.fsdp
+
     # ---- distribution ---------------------------------------------------------------------------
     def wrap(self, loss_model):
         """The LossModel ready to train: DDP through accelerate, or sharded (FSDP); compiled on request.
