@@ -401,7 +401,7 @@ def keepmix_config(spec: dict, output: str) -> dict:
         # steps is far past what runs: the arm stops with `stop_at`, and the resume probe reuses its config
         "train": {"seq_len": spec["seq_len"], "batch_size": spec["batch"], "steps": 2000, "lr": spec["lr"],
                   "lr_schedule": "constant", "warmup": 0, "betas": list(BETAS), "grad_clip": 1.0,
-                  "checkpoint_every": None, "keep_checkpoints": 1, "seed": 0},
+                  "checkpoint_every": None, "keep_checkpoints": 1, "seed": 0, "compile": spec.get("compile", False)},
         "eval": {"every": None},
         "output": output,
         "cache_dir": spec["cache"],
@@ -512,8 +512,10 @@ def resume(spec: dict) -> dict:
         setattr(cls, name, wrapper)
 
     # what a later step has more of: metrics records and exposure parts to truncate; the sampler
-    # state is a few integers per source, restored inside load_checkpoint
-    timed(Session, "load_checkpoint", "checkpoint_s")
+    # state is a few integers per source. Reading (and verifying) the checkpoint is in _plan_run_dir,
+    # putting its state into the model, optimizer, scheduler and sampler in _restore.
+    timed(Session, "_plan_run_dir", "checkpoint_s")
+    timed(Session, "_restore", "checkpoint_s")
     timed(Session, "_truncate_metrics", "logs_s")
     timed(ExposureWriter, "truncate_after", "logs_s")
 

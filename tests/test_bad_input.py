@@ -198,6 +198,10 @@ CONFIG_CASES = [
         r"sources\[0\]\.kl_to_base: not supported with train\.fsdp"),
     Bad("config-l2-with-fsdp", lambda c: train(c, c.config(train={"l2_to_base": 0.1, "fsdp": True})),
         r"train\.l2_to_base: not supported with train\.fsdp"),
+    Bad("config-compile-blocks-with-fsdp", lambda c: train(c, c.config(train={"compile": "blocks", "fsdp": True})),
+        r"train\.compile: blocks is not supported with train\.fsdp"),
+    Bad("config-compile-unknown", lambda c: train(c, c.config(train={"compile": "layers"})),
+        r"train\.compile.*(blocks|model)"),
     Bad("config-source-without-path-or-generate", lambda c: train(c, c.config_with(lambda d: d["sources"][0].pop("path"))),
         r"sources\[0\]: give either path \(data to read\) or generate \(self-rehearsal\), one of them"),
     Bad("config-source-with-path-and-generate", lambda c: train(c, c.config_with(

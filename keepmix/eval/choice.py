@@ -19,6 +19,12 @@ delimiter is not counted); ties go to the first choice (numpy argmax). `n` is th
 Memory: sequences are scored in right-padded batches; only the positions from the earliest
 continuation token of the batch onwards get logits (`logits_to_keep`), and log-softmax runs on the
 continuation positions alone, so no full-vocabulary logits outlive a batch.
+
+Shared context (`reuse_prefix=True`, the default, for models `keepmix.eval.prefix.reuses_prefix`
+accepts): the choices of an item share its context's tokens; those run once per item and every choice
+runs on top of their KV cache (`keepmix.eval.prefix`), so an item with four choices costs one context
+and four continuations instead of four contexts. Items are batched whole (up to `batch_size` choices a
+batch, an item with more choices alone). Log-likelihoods equal the plain path's to float rounding.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import numpy as np
 import torch
 
 from keepmix.errors import KeepmixError
+from keepmix.eval.prefix import forward_after_prefixes, reuses_prefix, shared_prefix_length
 
 # A tokenizer's model_max_length is this sentinel (about 1e30) when the tokenizer does not know it.
 _UNKNOWN_LENGTH = 10**18
@@ -94,6 +101,7 @@ def choice_loglikelihoods(
     batch_size: int,
     device: torch.device | str,
     target_delimiter: str = " ",
+    reuse_prefix: bool = True,
 ) -> list[list[float]]:
     """Log-likelihood of every choice of every item given its context: result[item][choice]."""
     max_length = max_context_length(model, tokenizer)
@@ -114,16 +122,72 @@ def choice_loglikelihoods(
             # The last token is only a target; inputs are cut from the left to fit the context.
             tokens = (context_enc + cont_enc)[-(max_length + 1) :]
             requests.append((i, j, tokens, len(cont_enc)))
-    # Longest first, as the harness does: batches hold similar lengths and an OOM shows up at once.
-    order = sorted(range(len(requests)), key=lambda r: -len(requests[r][2]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = [[0.0] * len(item.choices) for item in items]
+    plain = requests
     with torch.inference_mode():
+        if reuse_prefix and reuses_prefix(model):
+            shared, plain = _split_shared(requests)
+            for batch in _item_batches(shared, batch_size):
+                for (_, (i, j, _, _)), ll in zip(batch, _score_shared(model, batch, pad, device), strict=True):
+                    scores[i][j] = ll
+        # Longest first, as the harness does: batches hold similar lengths and an OOM shows up at once.
+        order = sorted(range(len(plain)), key=lambda r: -len(plain[r][2]))
         for start in range(0, len(order), batch_size):
-            batch = [requests[r] for r in order[start : start + batch_size]]
+            batch = [plain[r] for r in order[start : start + batch_size]]
             for (i, j, _, _), ll in zip(batch, _score_batch(model, batch, pad, device), strict=True):
                 scores[i][j] = ll
     return scores
+
+
+def _split_shared(requests: list[tuple]) -> tuple[dict[int, tuple[int, list[tuple]]], list[tuple]]:
+    """({item: (shared prefix length, its requests)} for items whose choices share a prefix worth
+    reusing, the other requests)."""
+    by_item: dict[int, list[tuple]] = {}
+    for request in requests:
+        by_item.setdefault(request[0], []).append(request)
+    shared, plain = {}, []
+    for i, group in by_item.items():
+        # The prefix ends before the first position whose logits score a continuation token.
+        length = shared_prefix_length([tokens[:-1] for _, _, tokens, _ in group], keep=[n for *_, n in group])
+        if length and len(group) > 1:
+            shared[i] = (length, group)
+        else:
+            plain += group
+    return shared, plain
+
+
+def _item_batches(shared: dict[int, tuple[int, list[tuple]]], batch_size: int):
+    """Batches of (shared length, request) with every item whole, longest items first."""
+    order = sorted(shared, key=lambda i: -max(len(t) for _, _, t, _ in shared[i][1]))
+    batch: list[tuple[int, tuple]] = []
+    for i in order:
+        length, group = shared[i]
+        if batch and len(batch) + len(group) > batch_size:
+            yield batch
+            batch = []
+        batch += [(length, request) for request in group]
+    if batch:
+        yield batch
+
+
+def _score_shared(model, batch: list[tuple[int, tuple]], pad: int, device) -> list[float]:
+    """Summed continuation log-probs of requests whose item's choices share a prefix, run once per item."""
+    items = list(dict.fromkeys(request[0] for _, request in batch))
+    prefixes, suffixes, owners = {}, [], []
+    for length, (i, _, tokens, _) in batch:
+        prefixes.setdefault(i, tokens[:length])
+        suffixes.append(tokens[length:-1])
+        owners.append(items.index(i))
+    keep = max(n_cont for _, (*_, n_cont) in batch)
+    logits = forward_after_prefixes(model, [prefixes[i] for i in items], suffixes, owners, pad=pad, device=device,
+                                    logits_to_keep=keep).logits  # (rows, keep, V); left padding: the last columns
+    out = []
+    for row, (_, (_, _, tokens, n_cont)) in enumerate(batch):
+        cont_logits = logits[row, keep - n_cont :].float()
+        targets = torch.tensor(tokens[-n_cont:], dtype=torch.long, device=cont_logits.device)
+        out.append(float(torch.log_softmax(cont_logits, dim=-1).gather(1, targets[:, None]).sum()))
+    return out
 
 
 def _score_batch(model, batch, pad: int, device) -> list[float]:
@@ -173,9 +237,11 @@ def score_multiple_choice(
     batch_size: int,
     device: torch.device | str,
     target_delimiter: str = " ",
+    reuse_prefix: bool = True,
 ) -> dict[str, float]:
     """{"acc", "acc_norm", "acc_bytes", "n"} of a model on multiple-choice items."""
     lls = choice_loglikelihoods(
-        model, tokenizer, items, batch_size=batch_size, device=device, target_delimiter=target_delimiter
+        model, tokenizer, items, batch_size=batch_size, device=device, target_delimiter=target_delimiter,
+        reuse_prefix=reuse_prefix,
     )
     return mc_metrics(lls, items)

@@ -9,6 +9,15 @@ Generation of a row ends at EOS, once its decoded continuation contains a stop s
 max_new_tokens. (transformers' own `stop_strings` refuses a stop string made of characters missing
 from the vocabulary, e.g. "\n" for some tokenizers; decoding the continuation works for any tokenizer.)
 
+How (`reuse_prefix=True`, the default, for models `keepmix.eval.prefix.reuses_prefix` accepts): keepmix's
+own greedy loop. The prompts of a batch that begin with the same tokens (a task's schema, a few-shot block)
+run that prefix once and share its KV cache; a row leaves the batch as soon as it is done, so the others
+decode without it; the stop check decodes only the tail of each row's continuation (a stop sequence that
+ends in the newest token lies within it) and confirms a hit on the whole continuation, so a row never
+stops before the plain path would, and the text it returns — cut at the first stop — is the same. Greedy
+outputs equal `model.generate`'s (`reuse_prefix=False`, also used for models with a sliding-window cache
+or a generation config that changes the logits: repetition penalty, suppressed tokens, ...).
+
 `sample_texts` samples continuations (temperature, top-p) of token prompts, seeded per batch, and returns
 each prompt with its continuation as text: the generator of self-rehearsal sources.
 
@@ -27,6 +36,15 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from keepmix.eval.choice import max_context_length, prefix_token_id
+from keepmix.eval.prefix import cache_keyword, forward_after_prefixes, reuses_prefix, shared_prefix_length
+
+# Generation-config settings that change greedy decoding (transformers' logits processors): a model
+# that sets any of them generates through model.generate, which applies them.
+_PROCESSOR_SETTINGS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+                       "bad_words_ids": None, "min_length": 0, "min_new_tokens": None, "suppress_tokens": None,
+                       "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+                       "sequence_bias": None, "exponential_decay_length_penalty": None,
+                       "forced_decoder_ids": None}
 
 
 @dataclass(frozen=True)
@@ -69,9 +87,11 @@ def generate_batch(
     stop: list[str],
     batch_size: int,
     device: torch.device | str,
+    reuse_prefix: bool = True,
 ) -> list[str]:
     """Greedy continuations of `prompts` (in order), each cut at its first stop sequence."""
     stop = [s for s in stop if s]
+    own_loop = reuse_prefix and _own_loop_fits(model)
     budget = max(1, max_context_length(model, tokenizer) - max_new_tokens)
     encoded = []
     for prompt in prompts:
@@ -83,6 +103,12 @@ def generate_batch(
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
+            if own_loop:
+                continuations = _greedy_batch(model, tokenizer, [encoded[i] for i in rows],
+                                              max_new_tokens=max_new_tokens, stop=stop, pad=pad, device=device)
+                for i, tokens in zip(rows, continuations, strict=True):
+                    outputs[i] = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)
+                continue
             input_ids, attention_mask = _left_padded([encoded[i] for i in rows], pad)
             width = input_ids.shape[1]
             generated = model.generate(
@@ -98,6 +124,60 @@ def generate_batch(
                 text = tokenizer.decode(generated[r, width:], skip_special_tokens=True)
                 outputs[i] = cut_at_stop(text, stop)
     return outputs
+
+
+def _own_loop_fits(model) -> bool:
+    """Whether keepmix's greedy loop decodes exactly as model.generate would for this model."""
+    config = getattr(model, "generation_config", None)
+    changed = config is not None and any(getattr(config, key, default) not in (default, None, [], 1.0)
+                                         for key, default in _PROCESSOR_SETTINGS.items())
+    return reuses_prefix(model) and not changed
+
+
+def _eos_ids(model) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
+
+
+def _greedy_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, stop: list[str], pad: int,
+                  device) -> list[list[int]]:
+    """The greedy continuation tokens of one batch of token prompts (see the module doc)."""
+    shared = shared_prefix_length(prompts)
+    step = forward_after_prefixes(model, [prompts[0][:shared]] if shared else [], [p[shared:] for p in prompts],
+                                  [0] * len(prompts), pad=pad, device=device, logits_to_keep=1)
+    cache, mask, position = step.cache, step.attention_mask, step.next_position
+    eos, tail, keyword = _eos_ids(model), max((len(s) for s in stop), default=0) + 8, cache_keyword(model)
+    continuations: list[list[int]] = [[] for _ in prompts]
+    live = list(range(len(prompts)))  # the rows still decoding, in cache order
+    logits = step.logits
+    for t in range(max_new_tokens):
+        tokens = logits[:, -1].argmax(-1)
+        keep = []
+        for k, (row, token) in enumerate(zip(live, tokens.tolist(), strict=True)):
+            continuations[row].append(token)
+            if token not in eos and not _stopped(tokenizer, continuations[row], stop, tail):
+                keep.append(k)
+        if not keep or t == max_new_tokens - 1:
+            break
+        if len(keep) < len(live):  # finished rows leave the batch (and the cache)
+            index = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(index)
+            mask, position, tokens = mask[index], position[index], tokens[index]
+            live = [live[k] for k in keep]
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position[:, None],
+                       use_cache=True, **{keyword: cache}).logits
+        position = position + 1  # the cache was extended in place
+    return continuations
+
+
+def _stopped(tokenizer, tokens: list[int], stop: list[str], tail: int) -> bool:
+    """Whether the decoded continuation holds a stop sequence: the tail first (cheap), then the whole."""
+    if not stop or not any(s in tokenizer.decode(tokens[-tail:], skip_special_tokens=True) for s in stop):
+        return False
+    return any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop)
 
 
 def _pad_id(tokenizer) -> int:

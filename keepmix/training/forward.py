@@ -9,7 +9,14 @@ same pass also computes KL(p_base ‖ p_model) at the masked positions and adds 
 base forward runs only on the rows that hold a masked position, and the call returns a fourth output,
 the per-token KL.
 `FrozenBase` is the base model's distribution: a frozen copy of the starting weights, or — for a LoRA
-model — the model itself with its adapter disabled (no second copy in memory).
+model — the model itself with its adapter disabled (no second copy in memory). Its hidden states are a
+fixed function of the rows, and evals score the same held-out rows every time: `hidden(..., remember=True)`
+(what an eval's pass asks for) keeps them, keyed by the rows' token and position ids, up to
+`REMEMBER_BYTES`, so from the second eval on the base costs only its head (the KL needs the base's whole
+distribution, which is the head's product). Training rows are not kept. While the model still *is* its
+base (`LossModel.base_is_self`: the step-0 eval of a run that starts from the base's weights), the KL is
+0 by definition: the pass skips the base and the KL arithmetic, returns a KL of 0, and keeps the model's
+own hidden states as the base's for the evals after it.
 `RowStats` turns the detached per-token outputs into per-source sums and per-segment losses — the
 training metrics and the exposure log — without another forward pass.
 """
@@ -19,11 +26,15 @@ from __future__ import annotations
 import copy
 
 import torch
+import xxhash
 from torch import nn
 
 from keepmix.data.packing import Rows
 from keepmix.model import adapter_disabled, is_adapted, trunk_and_head
 from keepmix.training.losses import BaseLogits, full_linear_cross_entropy, fused_linear_cross_entropy
+
+
+REMEMBER_BYTES = 1 << 30  # base hidden states an eval may keep (SmolLM2, 3 x 3,072 held-out tokens: 21 MB)
 
 
 class FrozenBase:
@@ -39,6 +50,8 @@ class FrozenBase:
         else:
             self.copy = None if is_adapted(model) else copy.deepcopy(model).requires_grad_(False).eval()
         self.trunk, self.head = trunk_and_head(self.copy if self.copy is not None else model)
+        self._remembered: dict[tuple, torch.Tensor] = {}
+        self._remembered_bytes = 0
 
     def to(self, device) -> FrozenBase:
         if self.copy is not None:
@@ -46,11 +59,35 @@ class FrozenBase:
         return self
 
     @torch.no_grad()
-    def hidden(self, input_ids, position_ids) -> torch.Tensor:
+    def hidden(self, input_ids, position_ids, remember: bool = False) -> torch.Tensor:
+        """The base's final hidden states of the rows; `remember`: keep them for the same rows next time."""
+        key = self._key(input_ids, position_ids) if remember else None
+        if key is not None and key in self._remembered:
+            return self._remembered[key]
         if self.copy is not None:
-            return self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        with adapter_disabled(self._model):
-            return self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            out = self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        else:
+            with adapter_disabled(self._model):
+                out = self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        if key is not None:
+            self._keep(key, out)
+        return out
+
+    def remember(self, input_ids, position_ids, hidden: torch.Tensor) -> None:
+        """Keep `hidden` as the base's hidden states of these rows (the model is still the base)."""
+        self._keep(self._key(input_ids, position_ids), hidden.detach())
+
+    @staticmethod
+    def _key(input_ids, position_ids) -> tuple:
+        digest = xxhash.xxh3_128(input_ids.cpu().numpy().tobytes())
+        digest.update(position_ids.cpu().numpy().tobytes())
+        return tuple(input_ids.shape), digest.hexdigest()
+
+    def _keep(self, key: tuple, hidden: torch.Tensor) -> None:
+        size = hidden.numel() * hidden.element_size()
+        if key not in self._remembered and self._remembered_bytes + size <= REMEMBER_BYTES:
+            self._remembered[key] = hidden
+            self._remembered_bytes += size
 
 
 class LossModel(nn.Module):
@@ -63,6 +100,7 @@ class LossModel(nn.Module):
         # the frozen base is no submodule either: nothing of it is trained, synchronised or saved
         self._parts = trunk_and_head(model)
         self._base = (base,)
+        self.base_is_self = False  # set for the step-0 eval of a run whose weights are still the base's
 
     @property
     def trunk(self) -> nn.Module:
@@ -88,6 +126,13 @@ class LossModel(nn.Module):
         if kl_mask is not None:
             if self.base is None:
                 raise ValueError("LossModel: a KL mask was given but the model has no FrozenBase")
+            if self.base_is_self and not self.training:
+                rows = kl_mask.reshape(input_ids.shape).any(dim=1).nonzero().squeeze(1)
+                if rows.numel():
+                    self.base.remember(input_ids[rows], position_ids[rows], hidden[rows])
+                out = fn(flat, self.head.weight, labels.reshape(-1), token_weights.reshape(-1), bias=self.head.bias,
+                         chunk_size=chunk)
+                return (*out, torch.zeros_like(out[1]))  # KL(p ‖ p) = 0
             base = self._base_logits(input_ids, position_ids, flat, kl_weights, kl_mask)
         return fn(flat, self.head.weight, labels.reshape(-1), token_weights.reshape(-1), bias=self.head.bias,
                   chunk_size=chunk, base=base)
@@ -98,7 +143,9 @@ class LossModel(nn.Module):
         rows = kl_mask.reshape(b, t).any(dim=1).nonzero().squeeze(1)
         base_hidden = flat.new_zeros(b, t, self.base.head.weight.shape[1])
         if rows.numel():
-            base_hidden[rows] = self.base.hidden(input_ids[rows], position_ids[rows]).to(base_hidden.dtype)
+            # an eval (the loss model in eval mode) scores the same held-out rows every time
+            base_hidden[rows] = self.base.hidden(input_ids[rows], position_ids[rows],
+                                                 remember=not self.training).to(base_hidden.dtype)
         return BaseLogits(base_hidden.reshape(b * t, -1), self.base.head.weight, self.base.head.bias,
                           kl_weights.reshape(-1).detach(), kl_mask.reshape(-1))
 

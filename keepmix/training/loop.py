@@ -24,6 +24,7 @@ from keepmix.diagnostics.exposures import ExposureWriter
 from keepmix.diagnostics.memorization import diagnose
 from keepmix.errors import KeepmixError, NonFiniteLossError
 from keepmix.eval.lm import validation_metrics
+from keepmix.training.compiled import eager_while
 from keepmix.training.anchor import WeightAnchor
 from keepmix.training.forward import LossModel, RowStats, run_rows
 from keepmix.training.session import Session, open_session
@@ -67,7 +68,8 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
     sampler = build_sampler(cfg, sources)
     guard, probes = sampler.guard, guard_probes(cfg, sources)
     base = s.frozen_base()  # the starting model's distribution, for KL terms and the kl_to_base metric
-    loss_model = s.wrap(LossModel(s.model, t.loss_impl, base))  # DDP or FSDP, compiled on request
+    core = LossModel(s.model, t.loss_impl, base)
+    loss_model = s.wrap(core)  # DDP or FSDP, compiled on request
     params = [p for p in loss_model.parameters() if p.requires_grad]
     betas = torch.tensor([src.kl_to_base for src in cfg.sources])  # KL(base ‖ model) weight per source
     kl_on = bool((betas > 0).any())
@@ -88,19 +90,24 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
     micro = t.micro_batch_size or t.batch_size // world  # rows per forward pass, per process
 
     def evaluate() -> None:
-        metrics = validation_metrics(loss_model, valid, seq_len=t.seq_len, batch_size=cfg.eval.batch_size,
-                                     pad_id=pad_id, device=acc.device, max_tokens=cfg.eval.max_valid_tokens,
-                                     rank=rank, world_size=world, reduce=acc.reduce, lockstep=s.fsdp,
-                                     kl_to_base=base is not None and cfg.eval.kl_to_base)
-        metrics.update(s.run_tasks())
+        # at step 0 of a run that starts from the base's weights the model is its base: KL 0, base skipped
+        core.base_is_self = state.step == 0 and s.starts_from_base and base is not None and base.copy is not None
+        with eager_while(bool(t.compile)):  # evals change shapes from call to call: no compiles for them
+            metrics = validation_metrics(loss_model, valid, seq_len=t.seq_len, batch_size=cfg.eval.batch_size,
+                                         pad_id=pad_id, device=acc.device, max_tokens=cfg.eval.max_valid_tokens,
+                                         rank=rank, world_size=world, reduce=acc.reduce, lockstep=s.fsdp,
+                                         kl_to_base=base is not None and cfg.eval.kl_to_base)
+            metrics.update(s.run_tasks())
+        core.base_is_self = False
         s.log_eval(metrics)
 
     def check_guard() -> float:
         """The guard's check: score its probe (reduced over processes: the same decision everywhere)."""
         clock = time.perf_counter()
-        metrics = validation_metrics(loss_model, probes, seq_len=t.seq_len, batch_size=cfg.eval.batch_size,
-                                     pad_id=pad_id, device=acc.device, rank=rank, world_size=world,
-                                     reduce=acc.reduce, lockstep=s.fsdp)
+        with eager_while(bool(t.compile)):
+            metrics = validation_metrics(loss_model, probes, seq_len=t.seq_len, batch_size=cfg.eval.batch_size,
+                                         pad_id=pad_id, device=acc.device, rank=rank, world_size=world,
+                                         reduce=acc.reduce, lockstep=s.fsdp)
         guard.observe(state.step, {name: metrics[f"valid/{name}/{guard.metric}"] for name, _ in probes})
         return time.perf_counter() - clock
 

@@ -148,6 +148,11 @@ class Session:
         # whole, unsharded copy per process; a LoRA base is the sharded model itself, its adapter off
         return FrozenBase(self.model).to(self.accelerator.device)
 
+    @property
+    def starts_from_base(self) -> bool:
+        """Whether the weights at step 0 are the base's (`frozen_base`): no resume, no warm start, not sharded."""
+        return self._found is None and self._warm_record is None and not self.fsdp
+
     # ---- distribution ---------------------------------------------------------------------------
     def wrap(self, loss_model):
         """The LossModel ready to train: DDP through accelerate, or sharded (FSDP); compiled on request.
@@ -159,7 +164,12 @@ class Session:
             self._root = sharding.shard(loss_model.to(acc.device), self.model, bf16=acc.mixed_precision == "bf16")
             return torch.compile(self._root) if self.cfg.train.compile else self._root
         if self.cfg.train.compile:
-            loss_model = torch.compile(loss_model)
+            from keepmix.data.build import cache_root
+            from keepmix.training.compiled import compile_for_training
+
+            how = "blocks" if self.cfg.train.compile is True else self.cfg.train.compile
+            loss_model = compile_for_training(loss_model, self.model, how, cache_root(self.cfg),
+                                              log=self.progress.message)
         return acc.prepare(loss_model)
 
     def no_sync(self, loss_model, sync: bool):

@@ -144,16 +144,21 @@ def test_metrics_use_characters_and_bytes():
         assert (m["acc"], m["acc_norm"], m["acc_bytes"]) == expected
 
 
-def test_only_continuation_logits_are_computed(model, tokenizer):
-    """A long shared context with short choices: the LM head sees only the scored positions."""
+@pytest.mark.parametrize("reuse_prefix", [False, True])
+def test_only_continuation_logits_are_computed(model, tokenizer, reuse_prefix):
+    """A long shared context with short choices: the LM head sees only the scored positions (and, with the
+    context run once for both choices, that pass's last position)."""
     seen = []
     handle = model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(tuple(out.shape)))
     try:
         item = MCItem(" ".join(["the cat sat on the mat"] * 4), ("yes", "no"), 0)
-        choice_loglikelihoods(model, tokenizer, [item], batch_size=2, device="cpu")
+        choice_loglikelihoods(model, tokenizer, [item], batch_size=2, device="cpu", reuse_prefix=reuse_prefix)
     finally:
         handle.remove()
     width = len(tokenizer.encode(item.context, add_special_tokens=False))
+    if reuse_prefix:
+        assert seen[0][:2] == (1, 1)  # the shared context, once
+        seen = seen[1:]
     assert len(seen) == 1 and seen[0][0] == 2
     assert seen[0][1] <= 3 < width  # a few positions, not the whole padded width
 

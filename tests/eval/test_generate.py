@@ -58,7 +58,7 @@ def model(tokenizer):
 def unstopped(model, tokenizer):
     """Each prompt's greedy continuation, generated alone (no padding) with no stop sequence."""
     return [
-        generate_batch(model, tokenizer, [p], max_new_tokens=10, stop=[], batch_size=1, device="cpu")[0]
+        generate_batch(model, tokenizer, [p], max_new_tokens=10, stop=[], batch_size=1, device="cpu", reuse_prefix=False)[0]
         for p in PROMPTS
     ]
 
@@ -73,28 +73,25 @@ def test_left_padding_does_not_change_greedy_outputs(model, tokenizer, unstopped
         assert batched == unstopped
 
 
-def test_generation_stops_at_the_first_stop_sequence(model, tokenizer, unstopped, monkeypatch):
+@pytest.mark.parametrize("reuse_prefix", [False, True], ids=["model.generate", "own loop"])
+def test_generation_stops_at_the_first_stop_sequence(model, tokenizer, unstopped, reuse_prefix):
     text = unstopped[1]
     stop = text[4:6]  # a piece from the middle of the free-running output
     cut = text.find(stop)
     assert 0 < cut < len(text) - len(stop)
-    lengths = []
-    generate = model.generate
-
-    def recording_generate(**kwargs):
-        out = generate(**kwargs)
-        lengths.append(out.shape[1] - kwargs["input_ids"].shape[1])
-        return out
-
-    monkeypatch.setattr(model, "generate", recording_generate)
-    alone = generate_batch(model, tokenizer, [PROMPTS[1]], max_new_tokens=10, stop=[stop], batch_size=1, device="cpu")
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        alone = generate_batch(model, tokenizer, [PROMPTS[1]], max_new_tokens=10, stop=[stop], batch_size=1,
+                               device="cpu", reuse_prefix=reuse_prefix)
+    finally:
+        hook.remove()
     assert alone == [text[:cut]]
-    assert lengths[0] < 10  # generation itself ended early, not just the text
+    assert len(calls) < 10  # generation itself ended early, not just the text
 
     # In a batch, every row is cut at its own first stop sequence (or not at all).
-    batched = generate_batch(
-        model, tokenizer, PROMPTS, max_new_tokens=10, stop=["zz", stop], batch_size=5, device="cpu"
-    )
+    batched = generate_batch(model, tokenizer, PROMPTS, max_new_tokens=10, stop=["zz", stop], batch_size=5,
+                             device="cpu", reuse_prefix=reuse_prefix)
     assert batched == [cut_at_stop(t, [stop]) for t in unstopped]
 
 
@@ -116,8 +113,12 @@ def test_long_prompts_are_cut_from_the_left(model, tokenizer, monkeypatch):
     )
     long_prompt = " ".join(SENTENCES[:5] * 3)
     assert len(tokenizer.encode(long_prompt)) > CONTEXT_LIMIT
-    (out,) = generate_batch(model, tokenizer, [long_prompt], max_new_tokens=8, stop=[], batch_size=1, device="cpu")
+    (out,) = generate_batch(model, tokenizer, [long_prompt], max_new_tokens=8, stop=[], batch_size=1, device="cpu",
+                            reuse_prefix=False)
     assert widths == [CONTEXT_LIMIT - 8] and isinstance(out, str)
+    # keepmix's own loop cuts the same tokens (it generates the same text)
+    assert generate_batch(model, tokenizer, [long_prompt], max_new_tokens=8, stop=[], batch_size=1,
+                          device="cpu") == [out]
 
 
 def test_cut_at_stop_takes_the_earliest_sequence():
