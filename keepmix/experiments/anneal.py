@@ -3,15 +3,16 @@ task alone (docs/EXPERIMENTS.md).
 
 Contract of `run_anneal_experiment(out, quick=False, seed=0, task_share=0.3, progress="auto")`:
 - general data is English prose (`pydoc_data.topics`) and Python source (the standard library), split by
-  topic / module (`keepmix.demo.data.build_demo_data`); the task is generated (a seeded RNG): reverse
-  a list of 3 to 5 common words, scored by greedy generation and exact match on held-out lists
-  (`kind: generation`); one BPE tokenizer is trained on all three; all under `<out>/data/`;
+  topic / module (`keepmix.demo.data.build_demo_data`); the task is generated (a seeded RNG): tell
+  whether a 48-character snippet is prose or code (snippets of the training documents to train on, of
+  the held-out ones to score), scored as a multiple choice between the two (`kind: multiple_choice`,
+  accuracy; chance 50 %) and by greedy generation (`kind: generation`, exact match); one BPE tokenizer is trained on all three; all under `<out>/data/`;
 - one `keepmix sweep` (`<out>/anneal.yaml`, arms in `<out>/anneal/`): its branch prefix trains a tiny
   Llama from scratch on general data only at a constant LR (the stable phase); from that checkpoint (the
   weights and the AdamW moments) three arms anneal for the same steps of the same rows, the LR falling
   linearly from the peak to 0: `general` (the control), `mix` (general + `task_share` of task rows) and
   `task` (task rows only);
-- reads the task metrics (exact match, the task's held-out loss and token accuracy) and the general
+- reads the task metrics (choice accuracy, exact match, the task's held-out loss and token accuracy) and the general
   sources' held-out loss and token accuracy at the checkpoint and at each arm's end; retention = each
   general metric at the end minus at the checkpoint (and minus the control's end);
 - prints the table and a reading computed from the numbers, writes `<out>/anneal.md`, `anneal.json`,
@@ -29,15 +30,13 @@ from pathlib import Path
 
 from keepmix.errors import KeepmixError
 from keepmix.experiments.sweepfile import eval_at, run_sweep_spec
-from keepmix.experiments.tiny import TINY_QUICK, TinyModel, train_tokenizer, write_records
+from keepmix.experiments.tiny import TINY_FULL, TINY_QUICK, TinyModel, train_tokenizer, write_records
 
 GENERAL = ("prose", "code")
-TASK = "reverse"
+TASK = "kind"
 ARMS = ("general", "mix", "task")
-METRIC = f"task/{TASK}/exact_match"
-# common words of the prose, each one or two tokens of the experiment's BPE
-WORDS = tuple("""the value of a list and an object or in is to for with name type class function module
-method string number file data key set time error line code default return call first new each other""".split())
+METRIC = f"task/{TASK}_choice/acc"  # the right kind of the two, by log-likelihood (chance 50 %)
+EXACT = f"task/{TASK}/exact_match"  # the kind generated greedily
 
 
 @dataclass(frozen=True)
@@ -45,8 +44,8 @@ class AnnealScale:
     tiny: TinyModel  # the model; tiny.steps = the steps of the stable phase before the checkpoint
     anneal_steps: int  # steps of every arm
     task_share: float = 0.3  # of the mix arm's rows
-    task_items: int = 4000  # training items of the task (each a few tokens: several per packed row)
-    task_eval_items: int = 64  # held-out items, scored by exact match
+    task_items: int = 4000  # training items of the task (each ~20 tokens: several per packed row)
+    task_eval_items: int = 128  # held-out items, scored as a multiple choice and by exact match
     warmup: int = 4  # steps of the stable phase
     code_docs: int = 800
     chunk_chars: int = 600
@@ -54,21 +53,24 @@ class AnnealScale:
     threads: int | None = 1
 
 
-QUICK = AnnealScale(tiny=replace(TINY_QUICK, steps=80, valid_docs=32), anneal_steps=40)
-FULL = AnnealScale(tiny=replace(TINY_QUICK, steps=240, valid_docs=48), anneal_steps=120, task_eval_items=128)
+QUICK = AnnealScale(tiny=replace(TINY_QUICK, steps=300, valid_docs=32), anneal_steps=80)
+FULL = AnnealScale(tiny=replace(TINY_FULL, steps=600, valid_docs=48), anneal_steps=200, task_eval_items=256)
 
 
-def reversal_items(n: int, seed: int) -> list[dict]:
-    """n different items "Reverse: w1 w2 w3" → "w3 w2 w1" (3 to 5 different words; same seed, same items)."""
-    rng = random.Random(f"reverse/{seed}")
-    seen, out = set(), []
-    while len(out) < n:
-        words = rng.sample(WORDS, rng.randint(3, 5))
-        listed = " ".join(words)
-        if listed in seen:
-            continue
-        seen.add(listed)
-        out.append({"prompt": f"Reverse: {listed}\nAnswer:", "answer": " ".join(reversed(words))})
+def kind_items(docs: dict[str, list[str]], n: int, seed: int, chars: int = 48) -> list[dict]:
+    """n items "Text: <snippet>\nKind:" → "prose" or "code" (alternating, then shuffled): a window of `chars`
+    characters at a seeded place in a seeded document of that kind, whitespace collapsed. Same seed, same
+    items; each lists both kinds as its choices for the multiple-choice form."""
+    rng = random.Random(f"kind/{seed}")
+    out = []
+    for i in range(n):
+        kind = GENERAL[i % len(GENERAL)]
+        doc = rng.choice(docs[kind])
+        start = rng.randrange(max(1, len(doc) - chars))
+        text = " ".join(doc[start:start + chars].split())
+        out.append({"prompt": f"Text: {text}\nKind:", "answer": kind, "choices": list(GENERAL),
+                    "gold": GENERAL.index(kind)})
+    rng.shuffle(out)
     return out
 
 
@@ -92,16 +94,20 @@ def write_data(folder: Path, scale: AnnealScale) -> dict[str, Path]:
     data = build_demo_data(folder, seed=scale.seed, prose_chunk_chars=scale.chunk_chars,
                            code_chunk_chars=scale.chunk_chars, code_max_docs=scale.code_docs,
                            code_valid_docs=scale.tiny.valid_docs)
-    items = reversal_items(scale.task_eval_items + scale.task_items, scale.seed)
-    held, train = items[: scale.task_eval_items], items[scale.task_eval_items:]  # no list in both
+    def texts_of(path: Path) -> list[str]:
+        return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+    # snippets of training documents to train on, of held-out documents (other topics, modules) to score
+    train = kind_items({"prose": texts_of(data.prose_train), "code": texts_of(data.code_train)}, scale.task_items,
+                       scale.seed)
+    held = kind_items({"prose": texts_of(data.prose_valid), "code": texts_of(data.code_valid)},
+                      scale.task_eval_items, scale.seed + 1)
     task_train = write_records(folder / "task_train.jsonl", [{"prompt": t["prompt"], "completion": " " + t["answer"]}
                                                               for t in train])
     task_valid = write_records(folder / "task_valid.jsonl", [{"prompt": t["prompt"], "completion": " " + t["answer"]}
                                                               for t in held])
     task_eval = write_records(folder / "task_eval.jsonl", held)
-    texts = [json.loads(line)["text"] for path in (data.prose_train, data.code_train)
-             for line in path.read_text(encoding="utf-8").splitlines()]
-    texts += [t["prompt"] + " " + t["answer"] for t in train]
+    texts = texts_of(data.prose_train) + texts_of(data.code_train) + [t["prompt"] + " " + t["answer"] for t in train]
     tokenizer = train_tokenizer(texts, scale.tiny.vocab_size, folder / "tokenizer")
     return {"tokenizer": tokenizer, "prose_train": data.prose_train, "prose_valid": data.prose_valid,
             "code_train": data.code_train, "code_valid": data.code_valid, "task_train": task_train,
@@ -129,8 +135,10 @@ def sweep_spec(files: dict[str, Path], scale: AnnealScale, cache: Path) -> dict:
                      "lr": tiny.lr, "lr_schedule": "linear", "warmup": 0, "min_lr_ratio": 0.0, "seed": scale.seed,
                      "threads": scale.threads, "checkpoint_every": None, "keep_checkpoints": 1},
            "eval": {"every": None, "batch_size": 16, "kl_to_base": False,
-                    "tasks": [{"name": TASK, "kind": "generation", "path": str(files["task_eval"]),
-                               "max_new_tokens": 16, "stop": ["\n"], "batch_size": 32}]},
+                    "tasks": [{"name": f"{TASK}_choice", "kind": "multiple_choice", "path": str(files["task_eval"]),
+                               "context_field": "prompt", "batch_size": 32},
+                              {"name": TASK, "kind": "generation", "path": str(files["task_eval"]),
+                               "max_new_tokens": 4, "stop": ["\n"], "batch_size": 32}]},
            "cache_dir": str(cache)}
     return {"run": run, "output": "anneal",
             "arms": {name: {"mixture.weights": weights[name]} for name in ARMS},
@@ -143,7 +151,7 @@ def sweep_spec(files: dict[str, Path], scale: AnnealScale, cache: Path) -> dict:
 # ---- the table --------------------------------------------------------------------------------------
 
 def _metrics() -> list[str]:
-    return [METRIC, f"valid/{TASK}/loss", f"valid/{TASK}/token_acc",
+    return [METRIC, EXACT, f"valid/{TASK}/loss", f"valid/{TASK}/token_acc",
             *(f"valid/{s}/{m}" for s in GENERAL for m in ("loss", "token_acc"))]
 
 
@@ -162,18 +170,18 @@ def summarize(checkpoint: dict, ends: dict[str, dict]) -> dict:
 
 
 def table(s: dict) -> list[str]:
-    lines = ["| anneal | task exact match (%) | task loss | task token acc (%) | prose loss (Δ ckpt) | "
+    lines = ["| anneal | task choice acc (%) | task exact match (%) | task loss | task token acc (%) | prose loss (Δ ckpt) | "
              "prose token acc (%, Δ ckpt) | code loss (Δ ckpt) | code token acc (%, Δ ckpt) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     c = s["checkpoint"]
-    lines.append(f"| checkpoint (before) | {100 * c[METRIC]:.1f} | {c[f'valid/{TASK}/loss']:.3f} | "
+    lines.append(f"| checkpoint (before) | {100 * c[METRIC]:.1f} | {100 * c[EXACT]:.1f} | {c[f'valid/{TASK}/loss']:.3f} | "
                  f"{100 * c[f'valid/{TASK}/token_acc']:.1f} | " +
                  " | ".join(f"{c[f'valid/{g}/loss']:.3f} | {100 * c[f'valid/{g}/token_acc']:.1f}" for g in GENERAL) + " |")
     for arm, r in s["rows"].items():
         general = " | ".join(f"{r[f'valid/{g}/loss']:.3f} ({r[f'valid/{g}/loss/vs_checkpoint']:+.3f}) | "
                              f"{100 * r[f'valid/{g}/token_acc']:.1f} ({100 * r[f'valid/{g}/token_acc/vs_checkpoint']:+.1f})"
                              for g in GENERAL)
-        lines.append(f"| {arm} | {100 * r[METRIC]:.1f} | {r[f'valid/{TASK}/loss']:.3f} | "
+        lines.append(f"| {arm} | {100 * r[METRIC]:.1f} | {100 * r[EXACT]:.1f} | {r[f'valid/{TASK}/loss']:.3f} | "
                      f"{100 * r[f'valid/{TASK}/token_acc']:.1f} | {general} |")
     return lines
 
@@ -181,15 +189,17 @@ def table(s: dict) -> list[str]:
 def reading(s: dict, task_share: float) -> list[str]:
     r, c = s["rows"], s["checkpoint"]
     em = {arm: 100 * r[arm][METRIC] for arm in r}
-    out = [f"Task exact match on held-out lists: {em['general']:.1f} % after the general-only anneal (the control), "
-           f"{em['mix']:.1f} % after the mix ({100 * task_share:g} % task rows), {em['task']:.1f} % after the "
-           f"task-only anneal (the checkpoint: {100 * c[METRIC]:.1f} %)."]
+    exact = {arm: 100 * r[arm][EXACT] for arm in r}
+    out = [f"Task accuracy on held-out snippets (prose or code; chance 50 %): {em['general']:.1f} % "
+           f"after the general-only anneal (the control), {em['mix']:.1f} % after the mix ({100 * task_share:g} % "
+           f"task rows), {em['task']:.1f} % after the task-only anneal (the checkpoint: {100 * c[METRIC]:.1f} %); "
+           f"generated exactly: {exact['general']:.1f} / {exact['mix']:.1f} / {exact['task']:.1f} %."]
     gain_task, gain_mix = em["task"] - em["general"], em["mix"] - em["general"]
     if gain_task > 0:
         out.append(f"The mix gets {100 * gain_mix / gain_task:.0f} % of the task-only arm's gain over the control "
                    f"with {100 * task_share:g} % of its task rows.")
     else:
-        out.append("The task-only anneal gained nothing over the control on exact match at this scale.")
+        out.append("The task-only anneal gained nothing over the control on task accuracy at this scale.")
     worst = {arm: max(r[arm][f"valid/{g}/loss/vs_control"] / r["general"][f"valid/{g}/loss"] for g in GENERAL)
              for arm in ("mix", "task")}
     out.append("Against the control's end, the general held-out loss is worse by at most "
@@ -220,7 +230,7 @@ def plot(s: dict, path: Path) -> Path:
     names = ["checkpoint", *s["rows"]]
     values = [s["checkpoint"], *s["rows"].values()]
     colors = ["grey", "tab:blue", "tab:green", "tab:red"][: len(names)]
-    panels = [(METRIC, "task exact match (%)", 100.0), (f"valid/{GENERAL[0]}/loss", f"{GENERAL[0]} held-out loss", 1.0),
+    panels = [(METRIC, "task accuracy, 4 choices (%)", 100.0), (f"valid/{GENERAL[0]}/loss", f"{GENERAL[0]} held-out loss", 1.0),
               (f"valid/{GENERAL[1]}/loss", f"{GENERAL[1]} held-out loss", 1.0)]
     for ax, (key, title, scale) in zip(axes, panels):
         ys = [v[key] * scale for v in values]
@@ -253,8 +263,8 @@ def run_anneal(out: Path, scale: AnnealScale, *, progress: str = "auto") -> dict
     header = (f"Anneal experiment: a tiny Llama ({tiny.architecture['hidden_size']} wide, "
               f"{tiny.architecture['num_hidden_layers']} layers) trained from scratch on prose + code for {tiny.steps} "
               f"steps at a constant LR; from that checkpoint three anneals of {scale.anneal_steps} steps of "
-              f"{tiny.batch_size} rows x {tiny.seq_len} tokens, LR linear to 0; task = reverse 3-5 words, "
-              f"{scale.task_eval_items} held-out lists; seed {scale.seed}")
+              f"{tiny.batch_size} rows x {tiny.seq_len} tokens, LR linear to 0; task = prose or code? on "
+              f"{scale.task_eval_items} held-out snippets; seed {scale.seed}")
     summary = {"scale": asdict(scale), **s, "reading": text, "wall_s": round(time.perf_counter() - started, 1)}
     lines = [header, "", *table(s), "", *text, "", f"This call took {summary['wall_s']:.0f} s (completed arms are reused)."]
     (out / "anneal.md").write_text("\n".join(["# Anneal experiment", "", *lines]) + "\n", encoding="utf-8")
@@ -266,7 +276,8 @@ def run_anneal(out: Path, scale: AnnealScale, *, progress: str = "auto") -> dict
 
 def run_anneal_experiment(out: Path, *, quick: bool = False, seed: int = 0, task_share: float | None = None,
                           progress: str = "auto") -> dict:
-    """The ready-made experiment: quick in about 3 minutes, full in about 12 (a tiny model either way)."""
+    """The ready-made experiment: quick = a 64-wide tiny Llama, about a minute on 2 CPU cores; full = a
+    128-wide, 4-layer one for longer, about 5 minutes."""
     scale = replace(QUICK if quick else FULL, seed=seed)
     if task_share is not None:
         scale = replace(scale, task_share=task_share)

@@ -9,7 +9,7 @@ import pytest
 
 from keepmix.cli import main
 from keepmix.errors import KeepmixError
-from keepmix.experiments.anneal import ARMS, METRIC, AnnealScale, check_scale, reversal_items, run_anneal
+from keepmix.experiments.anneal import ARMS, METRIC, AnnealScale, check_scale, kind_items, run_anneal
 from keepmix.experiments.tiny import TinyModel
 from tests.conftest import TINY_LLAMA, train_records
 
@@ -17,13 +17,15 @@ TINY = TinyModel(dict(TINY_LLAMA), vocab_size=300, steps=20, batch_size=8, seq_l
 SCALE = AnnealScale(tiny=TINY, anneal_steps=30, task_items=800, task_eval_items=16, code_docs=150, warmup=2)
 
 
-def test_reversal_items_are_seeded_different_and_reversed():
-    items = reversal_items(300, seed=1)
-    assert items == reversal_items(300, seed=1) and items != reversal_items(300, seed=2)
-    lists = [item["prompt"].removeprefix("Reverse: ").removesuffix("\nAnswer:") for item in items]
-    assert len(set(lists)) == 300
-    assert all(item["answer"].split() == listed.split()[::-1] for item, listed in zip(items, lists))
-    assert {len(listed.split()) for listed in lists} == {3, 4, 5}
+def test_kind_items_are_seeded_balanced_snippets_of_their_kind():
+    docs = {"prose": ["The quick brown fox jumps over the lazy dog " * 4], "code": ["def f(x):\n    return x + 1\n" * 6]}
+    items = kind_items(docs, 40, seed=1, chars=20)
+    assert items == kind_items(docs, 40, seed=1, chars=20) and items != kind_items(docs, 40, seed=2, chars=20)
+    assert sum(item["answer"] == "code" for item in items) == 20
+    for item in items:
+        text = item["prompt"].removeprefix("Text: ").removesuffix("\nKind:")
+        assert 0 < len(text) <= 20 and text in " ".join(docs[item["answer"]][0].split())
+        assert item["choices"][item["gold"]] == item["answer"] and item["choices"] == ["prose", "code"]
 
 
 def test_a_bad_task_share_is_refused(tmp_path):
@@ -34,26 +36,25 @@ def test_a_bad_task_share_is_refused(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.slow
 def test_three_anneals_from_one_checkpoint_trade_the_task_against_retention(tmp_path):
     out = tmp_path / "anneal"
     summary = run_anneal(out, SCALE, progress="quiet")
     prefix = out / "anneal" / "prefix"
     assert [r["step"] for r in train_records(prefix, "eval")] == [0, 20]
-    assert train_records(prefix)[-1]["realized_cum"]["reverse"] == 0.0  # the stable phase never sees the task
+    assert train_records(prefix)[-1]["realized_cum"]["kind"] == 0.0  # the stable phase never sees the task
     for arm in ARMS:
         run_dir = out / "anneal" / arm
         start = train_records(run_dir, "start")[0]
         assert start["init_from"] == {**start["init_from"], "step": 20, "optimizer": True, "run": str(prefix)}
         rows = train_records(run_dir)
         assert len(rows) == 30 and rows[-1]["lr"] < rows[0]["lr"]  # the LR anneals
-        assert train_records(run_dir, "eval")[-1]["metrics"][f"task/reverse/n"] == 16
-    shares = {arm: train_records(out / "anneal" / arm)[-1]["realized_cum"]["reverse"] for arm in ARMS}
+        assert train_records(run_dir, "eval")[-1]["metrics"]["task/kind_choice/n"] == 16
+    shares = {arm: train_records(out / "anneal" / arm)[-1]["realized_cum"]["kind"] for arm in ARMS}
     assert shares["general"] == 0.0 and shares["task"] == 1.0 and 0.1 < shares["mix"] < 0.5
     rows = summary["rows"]
     assert set(rows) == set(ARMS) and all(0 <= rows[a][METRIC] <= 1 for a in ARMS)
     # the task rows teach the task, and the control keeps general data best
-    assert rows["task"]["valid/reverse/loss"] < rows["mix"]["valid/reverse/loss"] < rows["general"]["valid/reverse/loss"]
+    assert rows["task"]["valid/kind/loss"] < rows["mix"]["valid/kind/loss"] < rows["general"]["valid/kind/loss"]
     assert rows["general"]["valid/prose/loss"] < rows["task"]["valid/prose/loss"]
     assert rows["general"]["valid/prose/loss/vs_control"] == 0.0
     assert rows["task"]["valid/prose/loss/vs_checkpoint"] == pytest.approx(
