@@ -230,7 +230,7 @@ def plot(s: dict, path: Path) -> Path:
     names = ["checkpoint", *s["rows"]]
     values = [s["checkpoint"], *s["rows"].values()]
     colors = ["grey", "tab:blue", "tab:green", "tab:red"][: len(names)]
-    panels = [(METRIC, "task accuracy, 4 choices (%)", 100.0), (f"valid/{GENERAL[0]}/loss", f"{GENERAL[0]} held-out loss", 1.0),
+    panels = [(METRIC, "task accuracy, prose or code? (%)", 100.0), (f"valid/{GENERAL[0]}/loss", f"{GENERAL[0]} held-out loss", 1.0),
               (f"valid/{GENERAL[1]}/loss", f"{GENERAL[1]} held-out loss", 1.0)]
     for ax, (key, title, scale) in zip(axes, panels):
         ys = [v[key] * scale for v in values]

@@ -151,7 +151,7 @@ def _cell(stat: dict, spec: str = ".3f", scale: float = 1.0) -> str:
 
 
 def table(c: dict) -> list[str]:
-    lines = [f"| replay of A | A loss | A loss rise | A token acc (%) | B loss | B token acc (%) |",
+    lines = ["| replay of A | A loss | A loss rise | A token acc (%) | B loss | B token acc (%) |",
              "|---|---|---|---|---|---|"]
     a = c["after_a"]
     lines.append(f"| after A (before B) | {_cell(a[_key(OLD, 'loss')])} | 0 | {_cell(a[_key(OLD, 'token_acc')], '.1f', 100)} | "
@@ -186,7 +186,7 @@ def reading(c: dict) -> list[str]:
     worse = [r for r, row in rows.items() if r != lo_share and not math.isnan(ref["hi"]) and row[b_loss]["mean"] > ref["hi"]]
     first = min(worse) if worse else None
     b_change = {r: 100 * (row[b_loss]["mean"] - ref["mean"]) / ref["mean"] for r, row in rows.items()}
-    out.append(f"B's held-out loss changes by " + ", ".join(f"{v:+.1f} % at {100 * r:g} %" for r, v in b_change.items()
+    out.append("B's held-out loss changes by " + ", ".join(f"{v:+.1f} % at {100 * r:g} %" for r, v in b_change.items()
                                                         if r != lo_share)
                + f" against {100 * lo_share:g} % replay; " +
                (f"it first leaves the {100 * lo_share:g} % arm's interval at {100 * first:g} % replay."
@@ -198,7 +198,7 @@ def reading(c: dict) -> list[str]:
     common = [r for r in (0.05, 0.25) if r in mine]
     if common and hi_share == 0.5:
         out.append("Share of the 0 % → 50 % A-loss gap closed: " + ", ".join(
-            f"{100 * r:g} % replay {100 * mine[r]:.0f} % here vs {100 * theirs[r]:.0f} % in Ibrahim et al." for r in common)
+            f"{100 * r:g} % replay {100 * mine[r]:.0f} % here vs {100 * theirs[r]:.0f} % in Ibrahim et al. 2024" for r in common)
             + ".")
     return out
 
@@ -223,6 +223,7 @@ def plot(c: dict, path: Path) -> Path:
                         label="end of the B phase")
             ax.axhline(c["after_a"][key]["mean"] * scale, color="grey", linestyle="--", label="after A")
             ax.set_xscale("symlog", linthresh=1)
+            ax.set_xlim(-0.2, 1.25 * max(xs) if max(xs) > 0 else 1)
             ax.set_xticks(xs, [f"{x:g}" for x in xs])
             ax.set_title(f"{label}: held-out {'token accuracy (%)' if scale != 1 else 'loss'}", fontsize=9)
             ax.set_xlabel("replay of A (% of the B phase's rows)", fontsize=8)
