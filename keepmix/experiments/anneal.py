@@ -276,8 +276,8 @@ def run_anneal(out: Path, scale: AnnealScale, *, progress: str = "auto") -> dict
 
 def run_anneal_experiment(out: Path, *, quick: bool = False, seed: int = 0, task_share: float | None = None,
                           progress: str = "auto") -> dict:
-    """The ready-made experiment: quick = a 64-wide tiny Llama, about a minute on 2 CPU cores; full = a
-    128-wide, 4-layer one for longer, about 5 minutes."""
+    """The ready-made experiment: quick = a 64-wide tiny Llama, about 25 s on 2 CPU cores; full = a
+    128-wide, 4-layer one for longer, about 3 minutes (measured: 23 s and 175 s)."""
     scale = replace(QUICK if quick else FULL, seed=seed)
     if task_share is not None:
         scale = replace(scale, task_share=task_share)
