@@ -128,6 +128,20 @@ def cmd_anchors(args) -> None:
                            model=args.model)
 
 
+def cmd_replay(args) -> None:
+    from keepmix.experiments.replay import run_replay_experiment
+
+    run_replay_experiment(out=Path(args.out), quick=args.quick, seeds=args.seeds, seed=args.seed,
+                          shares=args.shares, progress=_progress(args))
+
+
+def cmd_anneal(args) -> None:
+    from keepmix.experiments.anneal import run_anneal_experiment
+
+    run_anneal_experiment(out=Path(args.out), quick=args.quick, seed=args.seed, task_share=args.task_share,
+                          progress=_progress(args))
+
+
 def cmd_sweep(args) -> None:
     from keepmix.sweep.run import run_sweep
 
@@ -225,6 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
     anc.add_argument("--model", default=None, help="causal LM id or folder (default: SmolLM2-135M-Instruct GGUF)")
     anc.add_argument("--quiet", action="store_true")
     anc.set_defaults(func=cmd_anchors)
+    rep = xs.add_parser("replay", help="forgetting of domain A against the share of A replayed while training on B")
+    rep.add_argument("--out", default="experiment_runs/replay")
+    rep.add_argument("--quick", action="store_true", help="a smaller model, 4 shares x 3 seeds, under 3 minutes")
+    rep.add_argument("--seeds", type=int, default=None, metavar="N", help="seeds per share (default 3)")
+    rep.add_argument("--seed", type=int, default=0, help="the first seed")
+    rep.add_argument("--shares", type=_shares, default=None, metavar="R,R,...",
+                     help="replay shares in [0, 1) (default 0,0.01,0.05,0.1,0.25,0.5; quick 0,0.05,0.25,0.5)")
+    rep.add_argument("--quiet", action="store_true")
+    rep.set_defaults(func=cmd_replay)
+    ann = xs.add_parser("anneal", help="from one checkpoint: anneal on general data, general + task, or the task alone")
+    ann.add_argument("--out", default="experiment_runs/anneal")
+    ann.add_argument("--quick", action="store_true", help="a smaller model and fewer steps, under 3 minutes")
+    ann.add_argument("--seed", type=int, default=0)
+    ann.add_argument("--task-share", type=float, default=None, help="task share of the mix arm's rows (default 0.3)")
+    ann.add_argument("--quiet", action="store_true")
+    ann.set_defaults(func=cmd_anneal)
     return p
 
 
@@ -236,6 +266,13 @@ def _step(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a step of 1 or more, got {value}")
     return value
+
+
+def _shares(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated shares such as 0,0.05,0.5, got {text!r}") from None
 
 
 def _report_bug(args, err: BaseException) -> None:

@@ -67,6 +67,17 @@ def mean_ci(values: np.ndarray, weights: np.ndarray) -> tuple[float, float, floa
     return mean, mean - half, mean + half, se
 
 
+def seed_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean of independent runs (one per seed) and its 95% Student-t interval, mean ± t(n-1) · sd / √n
+    (nan bounds with fewer than 2 runs)."""
+    x = np.asarray(values, dtype=float)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, math.nan, math.nan
+    half = t975(len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return mean, mean - half, mean + half
+
+
 def ranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks, ties sharing their average rank."""
     order = np.argsort(x, kind="mergesort")

@@ -25,25 +25,13 @@ from pathlib import Path
 
 from keepmix.diagnostics.memorization import diagnose, format_diagnostics
 from keepmix.errors import KeepmixError
+from keepmix.experiments.tiny import TINY_FULL, TINY_QUICK, TinyModel, train_tokenizer, write_records
 from keepmix.report.metrics import read_diagnostics, read_metrics, run_status
 from keepmix.sweep.arms import Arm, run_arm, share_baseline
 
 SOURCE = "qa"
 ARMS = ("low_lr", "high_lr")
 POOL = 20  # facts generated per item needed, to find enough of one token length
-
-
-@dataclass(frozen=True)
-class TinyModel:
-    """A from-scratch Llama and its own BPE tokenizer, pretrained on prose before the QA arms."""
-
-    architecture: dict
-    vocab_size: int
-    steps: int
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 3e-3
-    valid_docs: int = 32  # held-out prose chunks, evaluated before and after pretraining
 
 
 @dataclass(frozen=True)
@@ -62,14 +50,6 @@ class Scale:
     tiny: TinyModel | None = field(default=None)  # None: the arms start from a pretrained model
 
 
-TINY_QUICK = TinyModel({"model_type": "llama", "hidden_size": 64, "intermediate_size": 176,
-                        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                        "max_position_embeddings": 256, "tie_word_embeddings": True},
-                       vocab_size=512, steps=40)
-TINY_FULL = TinyModel({"model_type": "llama", "hidden_size": 128, "intermediate_size": 352,
-                       "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-                       "max_position_embeddings": 256, "tie_word_embeddings": True},
-                      vocab_size=1024, steps=300)
 QUICK = Scale(items=96, valid_items=16, batch_size=8, low_lr=3e-4, high_lr=3e-3, warmup_steps=2, threads=1,
               tiny=TINY_QUICK)
 FULL_SCRATCH = Scale(items=240, valid_items=32, batch_size=8, low_lr=3e-4, high_lr=3e-3, warmup_steps=3,
@@ -125,20 +105,6 @@ def one_length(lengths: list[int], n: int) -> tuple[list[int], int]:
     return [i for i, length in enumerate(lengths) if length == common[0]][:n], common[0]
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> Path:
-    """Write records, or check that the file already holds them: finished runs in the same folder that
-    are reused must have been trained on these very records."""
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    if path.exists():
-        if path.read_text(encoding="utf-8") != text:
-            raise KeepmixError(f"{path} holds other records than this experiment makes (another scale, seed or "
-                               "keepmix version made it); delete that folder or pass another --out")
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def write_qa_data(folder: Path, tokenizer, scale: Scale) -> int:
     """Write qa_train.jsonl and qa_valid.jsonl (held-out facts) to folder; returns the seq_len."""
     from keepmix.data.tokenize import tokenize_docs
@@ -148,8 +114,8 @@ def write_qa_data(folder: Path, tokenizer, scale: Scale) -> int:
     lengths = tokenize_docs(pool, tokenizer, fmt="prompt_completion", loss_on="completion").lengths.tolist()
     chosen, seq_len = one_length(lengths, scale.items + scale.valid_items)
     records = [pool[i] for i in chosen]
-    _write_jsonl(folder / "qa_train.jsonl", records[: scale.items])
-    _write_jsonl(folder / "qa_valid.jsonl", records[scale.items:])
+    write_records(folder / "qa_train.jsonl", records[: scale.items])
+    write_records(folder / "qa_valid.jsonl", records[scale.items:])
     return seq_len
 
 
@@ -174,30 +140,14 @@ def model_section(model: str | None) -> dict | None:
     return {"name": str(path.resolve()) if path.exists() else str(model)}
 
 
-def _train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>").save_pretrained(out)
-    return out
-
-
 def pretrain_tiny(out: Path, tiny: TinyModel, *, seed: int, threads: int | None, progress: str) -> Path:
     """Train a BPE and a tiny Llama on the Python language reference; returns the final model folder."""
     from keepmix.demo.data import prose_documents
 
     out = Path(out).resolve()
     prose = [chunk for chunks in prose_documents(chunk_chars=600).values() for chunk in chunks]
-    data = _write_jsonl(out / "data" / "prose.jsonl", [{"text": t} for t in prose])
-    tokenizer = out / "tokenizer"
-    if not (tokenizer / "tokenizer.json").exists():
-        _train_tokenizer(prose, tiny.vocab_size, tokenizer)
+    data = write_records(out / "data" / "prose.jsonl", [{"text": t} for t in prose])
+    tokenizer = train_tokenizer(prose, tiny.vocab_size, out / "tokenizer")
     cfg = {"model": {"init": "scratch", "tokenizer": str(tokenizer), "architecture": dict(tiny.architecture)},
            "sources": [{"name": "prose", "path": str(data), "valid_docs": tiny.valid_docs}],
            "train": {"seq_len": tiny.seq_len, "batch_size": tiny.batch_size, "steps": tiny.steps, "lr": tiny.lr,
