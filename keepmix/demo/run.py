@@ -79,7 +79,7 @@ class DemoSettings:
     data_sizes: dict[str, int] = field(default_factory=dict)  # extra build_demo_data arguments
 
 
-# Sized for ~15 minutes on an idle 2-core CPU: see docs/DEMO.md for the measurements behind it.
+# Sized for ~8 minutes (first sized for 15) on an idle 2-core CPU: docs/DEMO.md has the measurements.
 # Floors of 0.125 at 8 rows per step put one prose and one code row in every step.
 FULL = DemoSettings(
     steps=24, seq_len=256, batch_size=8, micro_batch_size=2, lr=5e-4, lr_schedule="wsd", warmup=0.1,
