@@ -107,7 +107,7 @@ def questions_for(facts: list[dict], choices: int, seed: int) -> list[dict]:
         others = rng.sample([f["capital"] for j, f in enumerate(facts) if j != i], choices - 1)
         gold = rng.randrange(choices)
         options = others[:gold] + [fact["capital"]] + others[gold:]
-        out.append({"question": QUESTION.format(subject=fact["subject"]), "choices": [f" {c}" for c in options],
+        out.append({"question": QUESTION.format(subject=fact["subject"]), "choices": options,
                     "gold": gold, "answer": fact["capital"], "gold_doc": fact["id"]})
     return out
 

@@ -107,7 +107,7 @@ def copier(tmp_path_factory, tokenizer_dir):
     cfg = {"model": {"init": "scratch", "tokenizer": str(tokenizer_dir), "architecture": dict(TINY_LLAMA)},
            "sources": [{"name": "copy", "path": "train.jsonl", "format": "prompt_completion",
                         "loss_on": "completion", "valid_docs": 8}],
-           "train": {"seq_len": 64, "batch_size": 16, "steps": 150, "lr": 1e-2, "warmup": 10, "seed": 0,
+           "train": {"seq_len": 64, "batch_size": 16, "steps": 400, "lr": 5e-3, "warmup": 20, "seed": 0,
                      "split_docs": False, "checkpoint_every": None, "threads": 1},
            "eval": {"every": None}, "output": "out", "cache_dir": "cache"}
     (folder / "run.yaml").write_text(yaml.safe_dump(cfg))
@@ -124,7 +124,7 @@ def test_retrieved_context_makes_the_trained_model_right_where_closed_book_is_wr
     facts = [{"id": name, "text": _fact(name, rng.choice(DIGITS))} for name in names]
     write_jsonl(tmp_path / "facts.jsonl", facts)
     items = [{"question": _question(f["id"]), "answer": f["text"].split()[-1].rstrip("."), "gold_doc": f["id"],
-              "choices": [f" {d}" for d in DIGITS], "gold": DIGITS.index(f["text"].split()[-1].rstrip("."))}
+              "choices": list(DIGITS), "gold": DIGITS.index(f["text"].split()[-1].rstrip("."))}
              for f in facts]
     write_jsonl(tmp_path / "items.jsonl", [{k: v for k, v in it.items() if k not in ("choices", "gold")}
                                            for it in items])

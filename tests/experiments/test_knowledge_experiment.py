@@ -22,7 +22,7 @@ def test_facts_are_made_up_reproducibly_and_questions_are_worded_apart():
     assert len(set(names)) == len(names)
     questions = questions_for(facts, 4, seed=0)
     for fact, q in zip(facts, questions):
-        assert q["choices"][q["gold"]] == f" {fact['capital']}" and len(set(q["choices"])) == 4
+        assert q["choices"][q["gold"]] == fact["capital"] and len(set(q["choices"])) == 4
         assert q["gold_doc"] == fact["id"]
     stem = QUESTION.split("{")[0]
     assert all(stem.strip() not in t for t in PARAPHRASES)  # no document is worded like the question
