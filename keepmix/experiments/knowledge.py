@@ -33,7 +33,7 @@ from keepmix.data.knowledge import raft_examples, templated_paraphrases
 from keepmix.errors import KeepmixError
 from keepmix.eval.retrieval import Corpus
 from keepmix.experiments.memorization import (TINY_FULL, TINY_QUICK, TinyModel, made_up_word, model_section,
-                                              pretrain_tiny)
+                                              pretrain_tiny, write_records)
 from keepmix.report.metrics import evals, read_metrics, run_status
 from keepmix.sweep.arms import Arm, check_arms, run_arm, share_baseline
 
@@ -113,14 +113,7 @@ def questions_for(facts: list[dict], choices: int, seed: int) -> list[dict]:
 
 
 def _write(path: Path, rows: list[dict]) -> str:
-    """Write rows, or check that the file already holds them (a reused arm trained on these very rows)."""
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    if path.exists() and path.read_text(encoding="utf-8") != text:
-        raise KeepmixError(f"{path} holds other records than this experiment makes (another mode, seed or keepmix "
-                           f"version made it); delete that folder or pass another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return str(path)
+    return str(write_records(path, rows))
 
 
 def write_data(folder: Path, s: Settings, prose: str | None) -> dict[str, str]:

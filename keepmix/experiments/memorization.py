@@ -125,7 +125,7 @@ def one_length(lengths: list[int], n: int) -> tuple[list[int], int]:
     return [i for i, length in enumerate(lengths) if length == common[0]][:n], common[0]
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> Path:
+def write_records(path: Path, records: list[dict]) -> Path:
     """Write records, or check that the file already holds them: finished runs in the same folder that
     are reused must have been trained on these very records."""
     text = "".join(json.dumps(r) + "\n" for r in records)
@@ -148,8 +148,8 @@ def write_qa_data(folder: Path, tokenizer, scale: Scale) -> int:
     lengths = tokenize_docs(pool, tokenizer, fmt="prompt_completion", loss_on="completion").lengths.tolist()
     chosen, seq_len = one_length(lengths, scale.items + scale.valid_items)
     records = [pool[i] for i in chosen]
-    _write_jsonl(folder / "qa_train.jsonl", records[: scale.items])
-    _write_jsonl(folder / "qa_valid.jsonl", records[scale.items:])
+    write_records(folder / "qa_train.jsonl", records[: scale.items])
+    write_records(folder / "qa_valid.jsonl", records[scale.items:])
     return seq_len
 
 
@@ -194,7 +194,7 @@ def pretrain_tiny(out: Path, tiny: TinyModel, *, seed: int, threads: int | None,
 
     out = Path(out).resolve()
     prose = [chunk for chunks in prose_documents(chunk_chars=600).values() for chunk in chunks]
-    data = _write_jsonl(out / "data" / "prose.jsonl", [{"text": t} for t in prose])
+    data = write_records(out / "data" / "prose.jsonl", [{"text": t} for t in prose])
     tokenizer = out / "tokenizer"
     if not (tokenizer / "tokenizer.json").exists():
         _train_tokenizer(prose, tiny.vocab_size, tokenizer)
