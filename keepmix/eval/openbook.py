@@ -106,8 +106,9 @@ def closed_prompt(task: OpenBookTask, question: str) -> str:
     return task.closed_template.replace("{question}", question)
 
 
-def _with_prompts(items: list, prompts: list[str]) -> list:
-    field = "context" if items and hasattr(items[0], "context") else "prompt"
+def _with_prompts(task: OpenBookTask, items: list, prompts: list[str]) -> list:
+    """The items with their question replaced by `prompts` (MCItem.context / GenItem.prompt)."""
+    field = "context" if task.scoring == "multiple_choice" else "prompt"
     return [dataclasses.replace(item, **{field: p}) for item, p in zip(items, prompts, strict=True)]
 
 
@@ -125,10 +126,10 @@ def score_open_book(task: OpenBookTask, model, tokenizer, book: Book, *, batch_s
 
     top = retrieve(book.corpus, book.questions, task.k, what=f"task {task.name!r} (kind open_book)")
     opened = [open_prompt(task, q, [book.corpus.texts[j] for j in docs]) for q, docs in zip(book.questions, top)]
-    metrics = {f"open/{key}": value for key, value in score(_with_prompts(book.items, opened)).items()}
+    metrics = {f"open/{key}": value for key, value in score(_with_prompts(task, book.items, opened)).items()}
     if task.closed_book:
         closed = [closed_prompt(task, q) for q in book.questions]
-        metrics.update({f"closed/{key}": value for key, value in score(_with_prompts(book.items, closed)).items()})
+        metrics.update({f"closed/{key}": value for key, value in score(_with_prompts(task, book.items, closed)).items()})
     recall = recall_at_k([[book.corpus.ids[j] for j in docs] for docs in top], book.gold)
     if recall is not None:
         metrics[f"recall@{task.k}"] = recall
