@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from keepmix.data.knowledge import raft_examples, templated_paraphrases
@@ -74,8 +74,8 @@ class Settings:
     tiny: TinyModel | None = None  # None: a pretrained model
 
 
-QUICK = Settings(facts=48, practice=48, wordings=5, steps=60, batch_size=8, seq_len=96, lr=3e-3, fact_share=0.5,
-                 threads=1, tiny=TINY_QUICK)
+QUICK = Settings(facts=48, practice=200, wordings=5, steps=300, batch_size=8, seq_len=96, lr=3e-3, fact_share=0.5,
+                 threads=1, tiny=replace(TINY_QUICK, steps=300))
 FULL_SCRATCH = Settings(facts=100, practice=100, wordings=10, steps=240, batch_size=8, seq_len=128, lr=2e-3,
                         fact_share=0.5, k=3, threads=1, tiny=TINY_FULL)
 FULL_PRETRAINED = Settings(facts=100, practice=100, wordings=10, steps=60, batch_size=8, seq_len=128, lr=1e-4,
@@ -297,8 +297,6 @@ def run_knowledge_experiment(out: Path, *, quick: bool = False, progress: str = 
                              seed: int = 0) -> dict:
     """quick = a tiny model in about three minutes; else the SmolLM2 GGUF (or `model`) when there is one,
     a tiny model pretrained for longer when there is not."""
-    from dataclasses import replace
-
     if quick:
         return run_experiment(out, replace(QUICK, seed=seed), None, progress=progress)
     section = model_section(model)
