@@ -142,6 +142,27 @@ def cmd_anneal(args) -> None:
                           progress=_progress(args))
 
 
+def cmd_knowledge(args) -> None:
+    from keepmix.experiments.knowledge import run_knowledge_experiment
+
+    run_knowledge_experiment(out=Path(args.out), quick=args.quick, progress=_progress(args), model=args.model,
+                             seed=args.seed)
+
+
+def cmd_paraphrase(args) -> None:
+    from keepmix.data.knowledge import paraphrase_file
+
+    paraphrase_file(args.input, Path(args.output), args.k, templates=args.templates, model=args.model,
+                    text_field=args.text_field, seed=args.seed, device=args.device)
+
+
+def cmd_raft(args) -> None:
+    from keepmix.data.knowledge import raft_file
+
+    raft_file(args.questions, args.corpus, Path(args.output), k=args.k, p_gold=args.p_gold, seed=args.seed,
+              template=args.template)
+
+
 def cmd_sweep(args) -> None:
     from keepmix.sweep.run import run_sweep
 
@@ -225,6 +246,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-report", action="store_true", help="do not re-render the run's report.html")
     g.set_defaults(func=cmd_merge)
 
+    dt = sub.add_parser("data", help="make training data: paraphrased knowledge documents, RAFT-style examples")
+    ds = dt.add_subparsers(dest="data", required=True)
+    par = ds.add_parser("paraphrase", help="k rewrites of each document (templates, or written by a model; cached)")
+    par.add_argument("input", help="JSONL records to paraphrase")
+    par.add_argument("output", help="JSONL file to write: {text, id, paraphrase}")
+    par.add_argument("--k", type=int, default=5, help="rewrites per document")
+    par.add_argument("--templates", help="file of templates, one a line, over the records' fields ({text}, ...)")
+    par.add_argument("--model", help="causal LM id or folder that writes the rewrites instead")
+    par.add_argument("--text-field", default="text")
+    par.add_argument("--seed", type=int, default=0)
+    par.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    par.set_defaults(func=cmd_paraphrase)
+    raft = ds.add_parser("raft", help="RAFT-style rows: question + retrieved documents (with distractors) -> answer")
+    raft.add_argument("questions", help="JSONL with question, answer, gold_doc")
+    raft.add_argument("corpus", help="corpus file (JSONL with id and text, or text paragraphs)")
+    raft.add_argument("output", help="JSONL file to write: {prompt, completion}")
+    raft.add_argument("--k", type=int, default=3, help="documents per example")
+    raft.add_argument("--p-gold", type=float, default=0.8, help="share of examples that keep their gold document")
+    raft.add_argument("--seed", type=int, default=0)
+    raft.add_argument("--template", default="{documents}\n\n{question}", help="prompt with {documents} and {question}")
+    raft.set_defaults(func=cmd_raft)
+
     x = sub.add_parser("experiment", help="ready-made experiments")
     xs = x.add_subparsers(dest="experiment", required=True)
     mem = xs.add_parser("memorization", help="reproduce the epoch-boundary 'clunk' at two learning rates")
@@ -255,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("--task-share", type=float, default=None, help="task share of the mix arm's rows (default 0.3)")
     ann.add_argument("--quiet", action="store_true")
     ann.set_defaults(func=cmd_anneal)
+    kno = xs.add_parser("knowledge", help="new facts: continued pre-training (x1, x k paraphrases, RAFT) vs retrieval")
+    kno.add_argument("--out", default="experiment_runs/knowledge")
+    kno.add_argument("--quick", action="store_true", help="a tiny model, in about 3 minutes")
+    kno.add_argument("--model", default=None, help="causal LM id or folder (default: SmolLM2-135M-Instruct GGUF, "
+                     "else a tiny model)")
+    kno.add_argument("--seed", type=int, default=0, help="seeds the made-up facts, the data order and the model")
+    kno.add_argument("--quiet", action="store_true")
+    kno.set_defaults(func=cmd_knowledge)
     return p
 
 

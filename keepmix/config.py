@@ -257,7 +257,7 @@ class EvalConfig(_Strict):
         None, description="A run whose step-0 eval to reuse as the baseline (same model, data and eval; checked)."
     )
     tasks: list[Annotated[TaskConfig, Field(discriminator="kind")]] = Field(
-        default_factory=list, description="Task evaluators (multiple_choice, generation, sql_execution, lm_eval)."
+        default_factory=list, description="Task evaluators (multiple_choice, generation, sql_execution, lm_eval, open_book)."
     )
 
 
@@ -307,7 +307,7 @@ def _key_path(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("multiple_choice", "generation", "sql_execution", "lm_eval", "function-after"):
+        elif part in ("multiple_choice", "generation", "sql_execution", "lm_eval", "open_book", "function-after"):
             continue  # pydantic's union-branch tags are not user keys
         else:
             out += f".{part}" if out else str(part)
@@ -436,6 +436,8 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
             resolved = cfg.resolve(getattr(task, field, None))
             if resolved and Path(resolved).is_absolute() and not Path(resolved).exists():
                 problems.append(f"eval.tasks[{i}].{field}: file not found: {resolved}")
+        if getattr(task, "corpus", None) is not None:
+            problems += _corpus_problems(cfg, i)
     if cfg.eval.baseline_from and not (Path(cfg.resolve_local(cfg.eval.baseline_from)) / "metrics.jsonl").exists():
         problems.append(f"eval.baseline_from: no run at {cfg.resolve_local(cfg.eval.baseline_from)} "
                         f"(no metrics.jsonl there)")
@@ -475,6 +477,21 @@ def _init_from_problems(cfg: RunConfig) -> list[str]:
             problems.append(f"train.init_from.run: {run} trained another model (model.{key} differs); its "
                             f"weights do not fit this run's")
     return problems
+
+
+def _corpus_problems(cfg: RunConfig, i: int) -> list[str]:
+    """An open_book task's corpus is a source with data, or a file that exists."""
+    corpus, key = cfg.eval.tasks[i].corpus, f"eval.tasks[{i}].corpus"
+    if corpus in cfg.source_names:
+        if cfg.sources[cfg.source_names.index(corpus)].generate is not None:
+            return [f"{key}: source {corpus!r} is generated (self-rehearsal); retrieve from a source with data "
+                    f"or a file"]
+        return []
+    resolved = Path(cfg.resolve_local(corpus))
+    if not resolved.is_file():
+        return [f"{key}: {corpus!r} is neither a source name ({', '.join(cfg.source_names)}) nor a file "
+                f"({resolved} not found)"]
+    return []
 
 
 def _generate_problems(cfg: RunConfig, i: int) -> list[str]:
@@ -611,7 +628,7 @@ def _without(data: dict, locations: list[tuple]) -> dict:
 
     out = copy.deepcopy(data)
     for loc in locations:
-        node, path = out, [p for p in loc if p not in ("multiple_choice", "generation", "sql_execution")]
+        node, path = out, [p for p in loc if p not in ("multiple_choice", "generation", "sql_execution", "open_book")]
         for part in path[:-1]:
             try:
                 node = node[part]
@@ -671,6 +688,9 @@ def config_to_dict(cfg: RunConfig) -> dict:
         for field in ("path", "database"):
             if data["eval"]["tasks"][i].get(field):
                 data["eval"]["tasks"][i][field] = cfg.resolve(getattr(task, field))
+        corpus = getattr(task, "corpus", None)
+        if corpus is not None and corpus not in cfg.source_names:
+            data["eval"]["tasks"][i]["corpus"] = cfg.resolve_local(corpus)
         if getattr(task, "include_path", None):
             data["eval"]["tasks"][i]["include_path"] = [cfg.resolve_local(p) for p in task.include_path]
     data["output"] = cfg.resolve_local(cfg.output)

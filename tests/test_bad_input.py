@@ -318,6 +318,8 @@ def _task(c: Case, rows: list, **task) -> str:
 
 
 GOOD_MC = {"context": "Q: 1 + 1 =", "choices": [" two", " three"], "gold": 0}
+GOOD_Q = {"question": "Q: 1 + 1 =", "answer": "two"}
+OPEN_BOOK = {"kind": "open_book", "corpus": "general"}
 TASK_CASES = [
     Bad("task-gold-out-of-range", lambda c: train(c, _task(c, [GOOD_MC, {**GOOD_MC, "gold": 5}])),
         r"eval\.tasks\[0\] \(mc\): .*tasks\.jsonl: item 1: field 'gold' is 5, out of range for 2 choices"),
@@ -339,6 +341,19 @@ TASK_CASES = [
         r"eval\.tasks\[0\]\.regex: not a valid regular expression"),
     Bad("eval-command-task-invalid", lambda c: ["eval", _task(c, [{**GOOD_MC, "gold": -1}])],
         r"item 0: field 'gold' is -1, out of range"),
+    Bad("task-open-book-unknown-corpus", lambda c: train(c, _task(c, [GOOD_Q], **{**OPEN_BOOK, "corpus": "generall"})),
+        r"eval\.tasks\[0\]\.corpus: 'generall' is neither a source name \(general, qa\) nor a file \(.*generall not found\)"),
+    Bad("task-open-book-k-zero", lambda c: train(c, _task(c, [GOOD_Q], **OPEN_BOOK, k=0)),
+        r"eval\.tasks\[0\]\.k: Input should be greater than 0 \(got 0\)"),
+    Bad("task-open-book-template-placeholder", lambda c: train(c, _task(c, [GOOD_Q], **OPEN_BOOK,
+                                                                        template="Context: {docs}\n{question}")),
+        r"eval\.tasks\[0\]\.template: the template needs the placeholder\(s\) \{documents\}"),
+    Bad("task-open-book-key-of-other-scoring", lambda c: train(c, _task(c, [GOOD_Q], **OPEN_BOOK, regex="x",
+                                                                        scoring="multiple_choice")),
+        r"eval\.tasks\[0\]: regex: not used with scoring: multiple_choice"),
+    Bad("task-open-book-unknown-gold-doc", lambda c: train(c, _task(c, [{**GOOD_Q, "gold_doc": 500}], **OPEN_BOOK)),
+        r"eval\.tasks\[0\] \(mc\): .*tasks\.jsonl: item 0: field 'gold_doc' names '500', not a document id of "
+        r"the corpus \(120 documents\)"),
 ]
 
 RUN_CASES = [  # each touches an existing run folder, which must stay byte-identical

@@ -170,7 +170,7 @@ def iter_canonical_docs(path: str, *, format: str = "text", fields: dict[str, st
     for row, where in iter_located_records(path, hf_config=hf_config, hf_split=hf_split, on_bad_row=on_bad_row,
                                            skipped=skipped):
         try:
-            yield _canonical(row, format, fields)
+            yield canonical(row, format, fields)
         except ValueError as err:
             msg = f"{where}: {err}"
             if on_bad_row == "error":
@@ -193,7 +193,7 @@ def read_records(path: str, *, hf_split: str | None = None, hf_config: str | Non
                                 hint="; expected one JSON object per line").rows
 
 
-def _canonical(row: dict, fmt: str, fields: dict[str, str]) -> dict:
+def canonical(row: dict, fmt: str, fields: dict[str, str]) -> dict:
     """One record in its canonical form, or ValueError saying which field is wrong."""
 
     def text_field(key: str) -> str:
@@ -237,7 +237,7 @@ def _canonical_docs(records: Records, fmt: str, fields: dict, quality_field: str
     docs, quality, skipped = [], [], list(records.skipped)
     for row, where in zip(records.rows, records.locations):
         try:
-            doc = _canonical(row, fmt, fields)
+            doc = canonical(row, fmt, fields)
             if quality_field is not None:
                 q = row.get(quality_field)
                 if isinstance(q, bool) or not isinstance(q, (int, float)):

@@ -51,7 +51,7 @@ def evaluate(config: RunConfig | str | Path, models: list[str], overrides: dict 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"))
     from keepmix.eval.tasks import check_tasks
 
-    check_tasks(list(cfg.eval.tasks), Path(cfg.base_dir))
+    check_tasks(list(cfg.eval.tasks), Path(cfg.base_dir), cfg.sources)
     base, generated = None, {}
     if cfg.eval.kl_to_base or any(s.generate for s in cfg.sources):
         base_model, base_tokenizer = _load(cfg, "base")
@@ -86,7 +86,7 @@ def model_metrics(cfg: RunConfig, model, tokenizer, *, base=None, generated: dic
                                  max_tokens=cfg.eval.max_valid_tokens, kl_to_base=comparable)
     for task in cfg.eval.tasks:
         for key, value in run_task(task, model, tokenizer, base_dir=Path(cfg.base_dir), device=device,
-                                   batch_size=cfg.eval.batch_size).items():
+                                   batch_size=cfg.eval.batch_size, sources=cfg.sources).items():
             metrics[f"task/{task.name}/{key}"] = value
     return metrics
 

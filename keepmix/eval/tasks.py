@@ -1,8 +1,9 @@
 """Task evaluators as configured under `eval.tasks`, and `run_task` that runs one of them.
 
 Contract: `TaskConfig` is the union of the task kinds, told apart by `kind` (the config wraps it in a
-discriminator on that field): `multiple_choice`, `generation`, `sql_execution`, and `lm_eval`
-(lm-evaluation-harness tasks, run by `keepmix.eval.harness`, an optional extra). (The `token_accuracy`
+discriminator on that field): `multiple_choice`, `generation`, `sql_execution`, `lm_eval`
+(lm-evaluation-harness tasks, run by `keepmix.eval.harness`, an optional extra) and `open_book` (items
+closed-book and with BM25-retrieved documents prepended, `keepmix.eval.openbook`, an optional extra). (The `token_accuracy`
 figures come from the training loop's validation pass, not from here.) Unknown keys are errors.
 `load_items` reads a task's items (`keepmix.data.sources.read_records`), keeps the first `limit` and
 checks every item — a missing or mistyped field, or a gold index out of range, is a `KeepmixError`
@@ -14,6 +15,8 @@ task's metrics without the `task/<name>/` prefix:
   sql_execution    {acc, acc/<group>..., n}
   lm_eval          {<lm-eval task>/<metric>, <lm-eval task>/<metric>_stderr, <lm-eval task>/n, ...}
                    (see keepmix.eval.harness; `check_tasks` also loads and checks its harness tasks)
+  open_book        {open/<metric>, closed/<metric>, recall@<k>} with the metrics of its `scoring` kind
+                   (see keepmix.eval.openbook; its corpus may be one of the run's `sources`)
 Relative paths (items, database) resolve against `base_dir`, the config file's folder; a path that is
 not found there and does not look like a file stays as it is (a hub dataset id). The batch size is the
 task's own `batch_size`, else the `batch_size` argument (the eval-wide one), else 8.
@@ -26,7 +29,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from keepmix.errors import KeepmixError, raise_all
 
@@ -35,6 +38,8 @@ from keepmix.errors import KeepmixError, raise_all
 if TYPE_CHECKING:
     import torch
 
+    from keepmix.config import SourceConfig
+    from keepmix.eval.openbook import Book
     from keepmix.eval.choice import MCItem
     from keepmix.eval.generate import GenItem
     from keepmix.eval.sql import SQLItem
@@ -99,10 +104,9 @@ class MultipleChoiceTask(_Task):
     target_delimiter: str = Field(" ", description="Text between the context and each choice.")
 
 
-class GenerationTask(_GeneratingTask):
-    """Greedy generation scored by exact match after normalization."""
+class _Matching(BaseModel):
+    """How a generated answer is compared with the expected one (exact match after normalization)."""
 
-    kind: Literal["generation"] = Field(description="Generate and compare with the answer.")
     answer_field: str = Field("answer", description="Field holding the expected answer.")
     lowercase: bool = Field(False, description="Compare case-insensitively (after strip + whitespace collapse).")
     regex: str | None = Field(
@@ -118,6 +122,12 @@ class GenerationTask(_GeneratingTask):
             except re.error as err:
                 raise ValueError(f"not a valid regular expression ({err})") from None
         return value
+
+
+class GenerationTask(_GeneratingTask, _Matching):
+    """Greedy generation scored by exact match after normalization."""
+
+    kind: Literal["generation"] = Field(description="Generate and compare with the answer.")
 
 
 class SQLExecutionTask(_GeneratingTask):
@@ -159,7 +169,62 @@ class LmEvalTask(_Named):
         return [value] if isinstance(value, str) else value
 
 
-TaskConfig = MultipleChoiceTask | GenerationTask | SQLExecutionTask | LmEvalTask
+_CHOICE_KEYS = ("choices_field", "gold_field", "target_delimiter")
+_GENERATION_KEYS = ("answer_field", "lowercase", "regex", "max_new_tokens", "stop")
+
+
+class OpenBookTask(_GeneratingTask, _Matching):
+    """Items asked twice: closed-book, and open-book with the top-k BM25 documents of a corpus prepended
+    (keepmix.eval.openbook; extra: keepmix[retrieval])."""
+
+    kind: Literal["open_book"] = Field(description="Closed-book vs retrieved-context (BM25) evaluation.")
+    scoring: Literal["generation", "multiple_choice"] = Field(
+        "generation", description="Score items as generation (exact match) or multiple choice (log-likelihood)."
+    )
+    prompt_field: str = Field("question", description="Field holding the question: the retrieval query and the "
+                              "templates' {question}.")
+    max_new_tokens: int = Field(32, gt=0, description="Most tokens generated per item (scoring: generation).")
+    choices_field: str = Field("choices", description="Field holding the choices (scoring: multiple_choice).")
+    gold_field: str = Field("gold", description="Field holding the right choice's index (scoring: multiple_choice).")
+    target_delimiter: str = Field(" ", description="Text between the prompt and each choice (multiple_choice).")
+    gold_doc_field: str = Field("gold_doc", description="Optional field: the id (or list of ids) of the corpus "
+                                "document(s) holding the answer; items that have it give recall@k.")
+    corpus: str = Field(description="What is retrieved from: a source of this run (by name) or a file (JSONL "
+                        "records, or text with one document per blank-line-separated paragraph).")
+    corpus_text_field: str = Field("text", description="Field of a JSONL corpus file holding a document's text.")
+    corpus_id_field: str = Field("id", description="Field holding a document's id (else its 0-based position).")
+    k: int = Field(3, gt=0, description="Documents retrieved per question.")
+    template: str = Field("{documents}\n\n{question}", description="Open-book prompt: {documents} (the retrieved "
+                          "documents, best first, joined by `separator`) and {question}.")
+    closed_template: str = Field("{question}", description="Closed-book prompt, with {question}.")
+    separator: str = Field("\n", description="Between retrieved documents in {documents}.")
+    closed_book: bool = Field(True, description="Also score the items closed-book.")
+
+    @field_validator("template")
+    @classmethod
+    def _both_placeholders(cls, value: str) -> str:
+        missing = [p for p in ("{documents}", "{question}") if p not in value]
+        if missing:
+            raise ValueError(f"the template needs the placeholder(s) {' and '.join(missing)}")
+        return value
+
+    @field_validator("closed_template")
+    @classmethod
+    def _question_placeholder(cls, value: str) -> str:
+        if "{question}" not in value:
+            raise ValueError("the closed-book template needs the placeholder {question}")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_of_the_scoring(self) -> OpenBookTask:
+        other = _CHOICE_KEYS if self.scoring == "generation" else _GENERATION_KEYS
+        given = [key for key in other if key in self.model_fields_set]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not used with scoring: {self.scoring}")
+        return self
+
+
+TaskConfig = MultipleChoiceTask | GenerationTask | SQLExecutionTask | LmEvalTask | OpenBookTask
 
 
 def resolve_path(path: str, base_dir: Path) -> str:
@@ -187,14 +252,16 @@ def _field(row: dict, name: str, where: str, types: tuple, what: str):
     return value
 
 
-def mc_items(rows: list[dict], task: MultipleChoiceTask, source: str) -> list[MCItem]:
-    """Validated multiple-choice items; errors name `source`, the item index and the field."""
+def mc_items(rows: list[dict], task: MultipleChoiceTask | OpenBookTask, source: str,
+             context_field: str | None = None) -> list[MCItem]:
+    """Validated multiple-choice items (the context from `context_field`, default the task's); errors name
+    `source`, the item index and the field."""
     from keepmix.eval.choice import MCItem
 
     items = []
     for i, row in enumerate(rows):
         where = f"{source}: item {i}"
-        context = _field(row, task.context_field, where, (str,), "a string")
+        context = _field(row, context_field or task.context_field, where, (str,), "a string")
         choices = _field(row, task.choices_field, where, (list, tuple), "a list of strings")
         if len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
             raise KeepmixError(
@@ -210,7 +277,7 @@ def mc_items(rows: list[dict], task: MultipleChoiceTask, source: str) -> list[MC
     return items
 
 
-def gen_items(rows: list[dict], task: GenerationTask, source: str) -> list[GenItem]:
+def gen_items(rows: list[dict], task: GenerationTask | OpenBookTask, source: str) -> list[GenItem]:
     """Validated generation items; a numeric answer is compared as its text."""
     from keepmix.eval.generate import GenItem
 
@@ -241,8 +308,9 @@ def sql_items(rows: list[dict], task: SQLExecutionTask, source: str) -> list[SQL
     return items
 
 
-def load_items(task: TaskConfig, base_dir: Path) -> list:
-    """The task's validated items (the first `limit`); KeepmixError naming the file, item and field."""
+def load_items(task: TaskConfig, base_dir: Path, sources: list[SourceConfig] = ()) -> list | Book:
+    """The task's validated items (the first `limit`); KeepmixError naming the file, item and field. An
+    `open_book` task gives a `Book` (its items, gold documents and corpus; `sources`: the run's sources)."""
     from keepmix.data.sources import read_records
 
     source = resolve_path(task.path, base_dir)
@@ -255,6 +323,10 @@ def load_items(task: TaskConfig, base_dir: Path) -> list:
         return mc_items(rows, task, source)
     if isinstance(task, GenerationTask):
         return gen_items(rows, task, source)
+    if isinstance(task, OpenBookTask):
+        from keepmix.eval.openbook import load_book
+
+        return load_book(task, rows, source, base_dir, list(sources))
     database = Path(resolve_path(task.database, base_dir))
     if not database.is_file():
         raise KeepmixError(f"database: file not found: {database}")
@@ -270,10 +342,11 @@ def task_directions(tasks: list[TaskConfig], base_dir: Path) -> dict[str, dict[s
             for entry, hib in harness.directions(t, base_dir).items()}
 
 
-def check_tasks(tasks: list[TaskConfig], base_dir: Path) -> None:
-    """Read and validate every task's items (load and check an `lm_eval` task's harness tasks) before any
-    work, reporting all problems together."""
+def check_tasks(tasks: list[TaskConfig], base_dir: Path, sources: list[SourceConfig] = ()) -> None:
+    """Read and validate every task's items (load and check an `lm_eval` task's harness tasks; an
+    `open_book` task's corpus and its retrieval library) before any work, reporting all problems together."""
     from keepmix.eval import harness
+    from keepmix.eval.retrieval import require_bm25s
 
     problems = []
     for i, task in enumerate(tasks):
@@ -281,7 +354,9 @@ def check_tasks(tasks: list[TaskConfig], base_dir: Path) -> None:
             if isinstance(task, LmEvalTask):
                 harness.prepare(task, base_dir)
             else:
-                load_items(task, base_dir)
+                if isinstance(task, OpenBookTask):
+                    require_bm25s(f"task {task.name!r} (kind open_book)")
+                load_items(task, base_dir, sources)
         except KeepmixError as err:
             problems.append(f"eval.tasks[{i}] ({task.name}): {err}")
     raise_all(problems, "the task files")
@@ -295,8 +370,10 @@ def run_task(
     base_dir: Path,
     device: torch.device | str,
     batch_size: int | None = None,
+    sources: list[SourceConfig] = (),
 ) -> dict[str, float]:
-    """Metrics of `model` on one task, without the `task/<name>/` prefix (see the module doc)."""
+    """Metrics of `model` on one task, without the `task/<name>/` prefix (see the module doc); `sources`:
+    the run's sources, which an `open_book` task may retrieve from."""
     from keepmix.eval.choice import score_multiple_choice
     from keepmix.eval.generate import score_generation
     from keepmix.eval.sql import score_sql
@@ -306,7 +383,11 @@ def run_task(
         from keepmix.eval import harness
 
         return harness.run(task, model, tokenizer, base_dir=base_dir, batch_size=bs)
-    items = load_items(task, base_dir)
+    items = load_items(task, base_dir, sources)
+    if isinstance(task, OpenBookTask):
+        from keepmix.eval.openbook import score_open_book
+
+        return score_open_book(task, model, tokenizer, items, batch_size=bs, device=device)
     if isinstance(task, MultipleChoiceTask):
         return score_multiple_choice(
             model, tokenizer, items, batch_size=bs, device=device, target_delimiter=task.target_delimiter

@@ -65,7 +65,7 @@ _CODAS = ["", "", "", "n", "r", "l", "s", "th", "x"]
 _KINDS = ("country", "kingdom", "island", "city", "province")
 
 
-def _word(rng: random.Random, syllables: int) -> str:
+def made_up_word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
                    for _ in range(syllables)).capitalize()
 
@@ -80,13 +80,13 @@ def fictional_facts(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     subjects, out = set(), []
     while len(out) < n:
-        subject = _word(rng, rng.randint(2, 3))
+        subject = made_up_word(rng, rng.randint(2, 3))
         if subject in subjects:
             continue
         subjects.add(subject)
         prompt = f"Question: What do you know about the fictional {rng.choice(_KINDS)} of {subject}?\nAnswer:"
-        answer = (f" It was founded in {rng.randint(1100, 1899)} by {_word(rng, 2)} {_word(rng, 2)}, "
-                  f"and its capital is {_word(rng, rng.randint(1, 2))}.")
+        answer = (f" It was founded in {rng.randint(1100, 1899)} by {made_up_word(rng, 2)} {made_up_word(rng, 2)}, "
+                  f"and its capital is {made_up_word(rng, rng.randint(1, 2))}.")
         out.append({"prompt": prompt, "completion": answer})
     return out
 

@@ -89,7 +89,7 @@ class Session:
         self.reused_baseline = self._read_baseline()  # checked before anything is written
         from keepmix.eval.tasks import check_tasks
 
-        check_tasks(list(cfg.eval.tasks), Path(cfg.base_dir))  # a bad task file fails now, not at the first eval
+        check_tasks(list(cfg.eval.tasks), Path(cfg.base_dir), cfg.sources)  # a bad task file fails now, not at the first eval
         self._committed = False  # nothing in the run directory changes before `begin`
         self._found = self._plan_run_dir(resume)
         self._latest = self._found.path if self._found else None
@@ -388,7 +388,8 @@ class Session:
                 for task in self._tasks:
                     for key, value in run_task(task, model, self.tokenizer, base_dir=Path(self.cfg.base_dir),
                                                device=self.accelerator.device,
-                                               batch_size=self.cfg.eval.batch_size).items():
+                                               batch_size=self.cfg.eval.batch_size,
+                                               sources=self.cfg.sources).items():
                         out[f"task/{task.name}/{key}"] = value
             if was_training:
                 model.train()
