@@ -68,12 +68,10 @@ def setup(work: Path, quick: bool):
     return cfg, s
 
 
-def time_heldout(cfg, model, tokenizer, base) -> float:
-    from keepmix.data.build import prepare_sources
+def time_heldout(cfg, model, tokenizer, sources, base) -> float:
     from keepmix.eval.lm import validation_metrics
     from keepmix.training.forward import LossModel
 
-    sources = prepare_sources(cfg, tokenizer, log=lambda _: None)
     clock = time.perf_counter()
     validation_metrics(LossModel(model, cfg.train.loss_impl, base), [(s.name, s.valid) for s in sources],
                        seq_len=cfg.train.seq_len, batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id,
@@ -126,6 +124,7 @@ def median_spread(values: list[float]) -> str:
 def bench_model(label: str, cfg, model, tokenizer, base_model, rounds: int, static: bool = False) -> list[str]:
     """`base_model`: the base for KL to base — a fresh FrozenBase per round for an eval that computes the
     base's hidden states (the first of a run), a kept one for the later evals."""
+    from keepmix.data.build import prepare_sources
     from keepmix.eval.tasks import load_items
     from keepmix.training.forward import FrozenBase
 
@@ -136,11 +135,12 @@ def bench_model(label: str, cfg, model, tokenizer, base_model, rounds: int, stat
     heldout = {"first": [], "later": [], "none": []}
     scoring = []
     kept = FrozenBase(base_model, as_is=True)
-    time_heldout(cfg, model, tokenizer, kept)  # the first eval of a run: the base's hidden states kept
+    sources = prepare_sources(cfg, tokenizer, log=lambda _: None)  # the held-out documents, read once
+    time_heldout(cfg, model, tokenizer, sources, kept)  # the first eval of a run: the base's hidden states kept
     for r in range(rounds):
-        heldout["first"].append(time_heldout(cfg, model, tokenizer, FrozenBase(base_model, as_is=True)))
-        heldout["later"].append(time_heldout(cfg, model, tokenizer, kept))
-        heldout["none"].append(time_heldout(cfg, model, tokenizer, None))
+        heldout["first"].append(time_heldout(cfg, model, tokenizer, sources, FrozenBase(base_model, as_is=True)))
+        heldout["later"].append(time_heldout(cfg, model, tokenizer, sources, kept))
+        heldout["none"].append(time_heldout(cfg, model, tokenizer, sources, None))
         for reuse in ((False, True) if r % 2 == 0 else (True, False)):
             times, out = time_generation(model, tokenizer, task, items, reuse)
             runs[reuse].append(times)

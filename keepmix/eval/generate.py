@@ -36,7 +36,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from keepmix.eval.choice import max_context_length, prefix_token_id
-from keepmix.eval.prefix import cache_keyword, forward_after_prefixes, reuses_prefix, shared_prefix_length
+from keepmix.eval.prefix import cache_keyword, forward_after_prefixes, left_padded, reuses_prefix, shared_prefix_length
 
 # Generation-config settings that change greedy decoding (transformers' logits processors): a model
 # that sets any of them generates through model.generate, which applies them.
@@ -109,7 +109,7 @@ def generate_batch(
                 for i, tokens in zip(rows, continuations, strict=True):
                     outputs[i] = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)
                 continue
-            input_ids, attention_mask = _left_padded([encoded[i] for i in rows], pad)
+            input_ids, attention_mask = left_padded([encoded[i] for i in rows], pad)
             width = input_ids.shape[1]
             generated = model.generate(
                 input_ids=input_ids.to(device),
@@ -184,17 +184,6 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of token rows, padded on the left to the longest."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, ids in enumerate(rows):
-        input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[r, width - len(ids) :] = 1
-    return input_ids, attention_mask
-
-
 def sample_texts(
     model,
     tokenizer,
@@ -219,7 +208,7 @@ def sample_texts(
     with torch.inference_mode(), torch.random.fork_rng(devices=devices):
         for b, start in enumerate(range(0, len(prompts), batch_size)):
             rows = prompts[start : start + batch_size]
-            input_ids, attention_mask = _left_padded(rows, pad)
+            input_ids, attention_mask = left_padded(rows, pad)
             torch.manual_seed(seed * 1_000_003 + b)
             generated = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),

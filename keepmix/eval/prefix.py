@@ -106,12 +106,7 @@ def forward_after_prefixes(
     else:
         owner = torch.zeros(len(suffixes), dtype=torch.long)
 
-    suffix_width = max(len(s) for s in suffixes)
-    suffix_ids = torch.full((len(suffixes), suffix_width), pad, dtype=torch.long)
-    suffix_mask = torch.zeros((len(suffixes), suffix_width), dtype=torch.long)
-    for r, s in enumerate(suffixes):
-        suffix_ids[r, suffix_width - len(s):] = torch.tensor(s, dtype=torch.long)
-        suffix_mask[r, suffix_width - len(s):] = 1
+    suffix_ids, suffix_mask = left_padded(suffixes, pad)
     lengths = suffix_mask.sum(1)
     # Position of a suffix token = its prefix's length + its index among the row's real tokens.
     positions = widths[owner][:, None] + (suffix_mask.cumsum(1) - 1).clamp(min=0)
@@ -119,6 +114,17 @@ def forward_after_prefixes(
     logits = model(input_ids=suffix_ids.to(device), attention_mask=attention_mask, position_ids=positions.to(device),
                    use_cache=True, logits_to_keep=logits_to_keep, **{cache_keyword(model): cache}).logits
     return PrefixedForward(logits, cache, attention_mask, (widths[owner] + lengths).to(device))
+
+
+def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token rows, padded on the left to the longest."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, ids in enumerate(rows):
+        input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[r, width - len(ids) :] = 1
+    return input_ids, attention_mask
 
 
 def cache_keyword(model) -> str:
