@@ -60,7 +60,7 @@ def evaluate(config: RunConfig | str | Path, models: list[str], overrides: dict 
         generated = generate_sources(cfg, base_model, base_tokenizer, cache_dir=cache_root(cfg), device=device,
                                      log=lambda _: None)
         if cfg.eval.kl_to_base:  # every model's drift is measured against the config's model
-            base = FrozenBase(base_model, as_is=True)
+            base = FrozenBase(base_model, as_is=True, store=cache_root(cfg) / "base_hidden")
     results = {}
     for name in models:
         model, tokenizer = _load(cfg, name)

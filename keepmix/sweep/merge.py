@@ -50,6 +50,7 @@ def _run_parts(run_dir: Path):
 
 def merge_run(run_dir: str | Path, alphas: list[float], *, write: float | None = None, reuse_baseline: bool = True,
               device: str | None = None, say=print) -> dict:
+    from keepmix.data.build import cache_root
     from keepmix.eval.retention import compute_retention
     from keepmix.eval.runner import load_base, model_metrics
     from keepmix.eval.tasks import task_tolerances
@@ -64,10 +65,10 @@ def merge_run(run_dir: str | Path, alphas: list[float], *, write: float | None =
     base_model, tokenizer = load_base(cfg)
     lora = (final_dir / "adapter_config.json").exists()
     final_model = None if lora else load_model(str(final_dir), trust_remote_code=cfg.model.trust_remote_code)[0]
-    frozen = FrozenBase(load_base(cfg)[0], as_is=True).to(dev) if cfg.eval.kl_to_base else None
+    frozen = (FrozenBase(load_base(cfg)[0], as_is=True, store=cache_root(cfg) / "base_hidden").to(dev)
+              if cfg.eval.kl_to_base else None)
     generated = {}
     if any(s.generate for s in cfg.sources):
-        from keepmix.data.build import cache_root
         from keepmix.data.rehearsal import generate_sources
 
         generated = generate_sources(cfg, base_model, tokenizer, cache_dir=cache_root(cfg), device=dev,

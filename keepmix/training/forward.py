@@ -13,7 +13,9 @@ model — the model itself with its adapter disabled (no second copy in memory).
 fixed function of the rows, and evals score the same held-out rows every time: `hidden(..., remember=True)`
 (what an eval's pass asks for) keeps them, keyed by the rows' token and position ids, up to
 `REMEMBER_BYTES`, so from the second eval on the base costs only its head (the KL needs the base's whole
-distribution, which is the head's product). Training rows are not kept. While the model still *is* its
+distribution, which is the head's product). With a `store` folder they are also kept on disk
+(keepmix.training.base_store), so the other runs of the same base — a demo's or a sweep's arms, a merge —
+read them instead of running the base. Training rows are not kept. While the model still *is* its
 base (`LossModel.base_is_self`: the step-0 eval of a run that starts from the base's weights), the KL is
 0 by definition: the pass skips the base and the KL arithmetic, returns a KL of 0, and keeps the model's
 own hidden states as the base's for the evals after it.
@@ -24,6 +26,7 @@ training metrics and the exposure log — without another forward pass.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 import xxhash
@@ -31,6 +34,7 @@ from torch import nn
 
 from keepmix.data.packing import Rows
 from keepmix.model import adapter_disabled, is_adapted, trunk_and_head
+from keepmix.training.base_store import BaseHiddenStore
 from keepmix.training.losses import BaseLogits, full_linear_cross_entropy, fused_linear_cross_entropy
 
 
@@ -40,8 +44,9 @@ REMEMBER_BYTES = 1 << 30  # base hidden states an eval may keep (SmolLM2, 3 x 3,
 class FrozenBase:
     """Final hidden states and head of the model as it was before training (never trained, never saved)."""
 
-    def __init__(self, model: nn.Module, *, as_is: bool = False):
-        """`as_is`: `model` is itself the base (a separately loaded one), used frozen without a copy."""
+    def __init__(self, model: nn.Module, *, as_is: bool = False, store: str | Path | None = None):
+        """`as_is`: `model` is itself the base (a separately loaded one), used frozen without a copy.
+        `store`: a folder where the remembered hidden states are also kept for other runs (BaseHiddenStore)."""
         self._model = model
         # LoRA: the base is the same model with the adapter off; otherwise a frozen copy made now,
         # before the first update (and, on resume, before the checkpoint's weights are loaded)
@@ -52,6 +57,7 @@ class FrozenBase:
         self.trunk, self.head = trunk_and_head(self.copy if self.copy is not None else model)
         self._remembered: dict[tuple, torch.Tensor] = {}
         self._remembered_bytes = 0
+        self.store = None if store is None else BaseHiddenStore(store, self.trunk, frozen_only=self.copy is None)
 
     def to(self, device) -> FrozenBase:
         if self.copy is not None:
@@ -64,18 +70,24 @@ class FrozenBase:
         key = self._key(input_ids, position_ids) if remember else None
         if key is not None and key in self._remembered:
             return self._remembered[key]
+        if key is not None and self.store is not None:
+            stored = self.store.load(input_ids, position_ids)
+            if stored is not None:
+                self._keep(key, stored)
+                return stored
         if self.copy is not None:
             out = self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         else:
             with adapter_disabled(self._model):
                 out = self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        if key is not None:
-            self._keep(key, out)
+        if key is not None and self._keep(key, out) and self.store is not None:
+            self.store.save(input_ids, position_ids, out)
         return out
 
     def remember(self, input_ids, position_ids, hidden: torch.Tensor) -> None:
         """Keep `hidden` as the base's hidden states of these rows (the model is still the base)."""
-        self._keep(self._key(input_ids, position_ids), hidden.detach())
+        if self._keep(self._key(input_ids, position_ids), hidden.detach()) and self.store is not None:
+            self.store.save(input_ids, position_ids, hidden)
 
     @staticmethod
     def _key(input_ids, position_ids) -> tuple:
@@ -83,11 +95,13 @@ class FrozenBase:
         digest.update(position_ids.cpu().numpy().tobytes())
         return tuple(input_ids.shape), digest.hexdigest()
 
-    def _keep(self, key: tuple, hidden: torch.Tensor) -> None:
+    def _keep(self, key: tuple, hidden: torch.Tensor) -> bool:
+        """Remember `hidden` under `key` if the budget allows; whether it is remembered now."""
         size = hidden.numel() * hidden.element_size()
         if key not in self._remembered and self._remembered_bytes + size <= REMEMBER_BYTES:
             self._remembered[key] = hidden
             self._remembered_bytes += size
+        return key in self._remembered
 
 
 class LossModel(nn.Module):

@@ -139,14 +139,18 @@ class Session:
     def frozen_base(self):
         """The starting model's distribution when a KL term or the kl_to_base metric needs it, else None.
         Made before any update and before a resume's checkpoint is loaded, so it is always the base."""
+        from keepmix.data.build import cache_root
         from keepmix.training.forward import FrozenBase
 
         training = any(src.kl_to_base > 0 for src in self.cfg.sources)
         if not training and not self.cfg.eval.kl_to_base:
             return None
         # under FSDP (evals only: a KL term in the loss is refused by the config) a full-model base is one
-        # whole, unsharded copy per process; a LoRA base is the sharded model itself, its adapter off
-        return FrozenBase(self.model).to(self.accelerator.device)
+        # whole, unsharded copy per process; a LoRA base is the sharded model itself, its adapter off.
+        # Its held-out hidden states are kept on disk for the other runs of the same base (not when
+        # sharded: each process then holds a different part of the weights)
+        store = None if self.fsdp else cache_root(self.cfg) / "base_hidden"
+        return FrozenBase(self.model, store=store).to(self.accelerator.device)
 
     @property
     def starts_from_base(self) -> bool:

@@ -38,3 +38,40 @@ def test_evals_reuse_the_base_and_report_the_same_numbers(make_run, monkeypatch)
             assert a["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), (a["step"], key)
     assert evals_reused[0]["metrics"]["valid/general/kl_to_base"] == 0.0
     assert evals_reused[-1]["metrics"]["valid/general/kl_to_base"] > 0.01  # the model really drifted
+
+
+def test_runs_of_the_same_base_share_its_hidden_states_on_disk(make_run, monkeypatch):
+    """The demo's second arm: its baseline comes from the first, so its own evals never ran the base;
+    the base's held-out hidden states that the first arm wrote are read instead, to the same bits."""
+    import yaml
+
+    settings = {"train": {"steps": 4, "checkpoint_every": None, "lr": 1e-2}, "eval": {"every": None, "kl_to_base": True}}
+    first = make_run("arms", **settings)
+    keepmix.train(first, progress="quiet")
+    written = sorted((first.parent / "cache" / "base_hidden").glob("*.safetensors"))
+    assert written  # the first arm's step-0 eval (the model is its base) wrote the base's states
+
+    config = yaml.safe_load(first.read_text())
+    config["mixture"]["schedule"] = [{"at": 0.0, "weights": {"general": 0.2, "qa": 0.8}}]
+    config["eval"]["baseline_from"] = "out"
+    runs = {}
+    for name, cache in (("shared", "cache"), ("alone", "cache_alone")):
+        path = first.parent / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**config, "output": name, "cache_dir": cache}))
+        calls = []
+        init = forward.FrozenBase.__init__
+
+        def counted(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            self.trunk.register_forward_hook(lambda *_: calls.append(1))
+
+        monkeypatch.setattr(forward.FrozenBase, "__init__", counted)
+        runs[name] = (keepmix.train(path, progress="quiet"), len(calls))
+        monkeypatch.setattr(forward.FrozenBase, "__init__", init)
+    (shared, shared_calls), (alone, alone_calls) = runs["shared"], runs["alone"]
+    assert shared_calls == 0 and alone_calls > 0  # the base ran only where nothing was on disk
+    final_shared = train_records(shared.run_dir, "eval")[-1]["metrics"]
+    final_alone = train_records(alone.run_dir, "eval")[-1]["metrics"]
+    assert final_shared == final_alone  # bit for bit, KL included
+    assert final_shared["valid/general/kl_to_base"] > 0.01
+    assert sorted((first.parent / "cache" / "base_hidden").glob("*.safetensors")) == written  # nothing new

