@@ -1,7 +1,7 @@
 """The frozen base's held-out hidden states on disk, shared by every run that evaluates the same base.
 
-Contract: `BaseHiddenStore(folder, trunk)` loads or saves the final hidden states of a batch of rows under
-a key that names everything they are a function of: the base's weights (a digest of every parameter and
+Contract: `BaseHiddenStore(folder, trunk)` loads or saves the final hidden states of a batch of rows (named
+by `rows_key`) under a key that names everything they are a function of: the base's weights (a digest of every parameter and
 buffer the trunk uses, its names, shapes and dtypes, taken once on first use), its class and attention
 implementation, the device kind, the number of CPU threads (a matmul's summation order depends on it),
 torch's version, and the rows' token and position ids. So a file is only ever read by a computation that
@@ -33,20 +33,21 @@ class BaseHiddenStore:
         self._weights: str | None = None
         self.hits = self.writes = 0
 
-    def load(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | None:
-        path = self._path(input_ids, position_ids)
+    def load(self, rows: tuple, device: torch.device) -> torch.Tensor | None:
+        """The hidden states saved for `rows` (a `rows_key`) by a base like this one on a device like `device`."""
+        path = self._path(rows, device)
         if not path.exists():
             return None
         try:
-            hidden = load_file(str(path), device=str(input_ids.device))["hidden"]
+            hidden = load_file(str(path), device=str(device))["hidden"]
         except Exception:  # noqa: BLE001 — an unreadable file (a damaged disk) is recomputed and replaced
             path.unlink(missing_ok=True)
             return None
         self.hits += 1
         return hidden
 
-    def save(self, input_ids: torch.Tensor, position_ids: torch.Tensor, hidden: torch.Tensor) -> None:
-        path = self._path(input_ids, position_ids)
+    def save(self, rows: tuple, hidden: torch.Tensor) -> None:
+        path = self._path(rows, hidden.device)
         if path.exists():
             return
         tmp = None
@@ -61,11 +62,9 @@ class BaseHiddenStore:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
 
-    def _path(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> Path:
+    def _path(self, rows: tuple, device: torch.device) -> Path:
         digest = xxhash.xxh3_128(self.weights_digest().encode())
-        digest.update(repr((_environment(input_ids.device), tuple(input_ids.shape))).encode())
-        digest.update(input_ids.cpu().numpy().tobytes())
-        digest.update(position_ids.cpu().numpy().tobytes())
+        digest.update(repr((_environment(device), rows)).encode())
         return self.folder / f"{digest.hexdigest()}.safetensors"
 
     def weights_digest(self) -> str:
@@ -81,6 +80,13 @@ class BaseHiddenStore:
                 digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy())  # no copy on a CPU
             self._weights = digest.hexdigest()
         return self._weights
+
+
+def rows_key(input_ids: torch.Tensor, position_ids: torch.Tensor) -> tuple:
+    """What names a batch of rows: its shape and a digest of its token and position ids."""
+    digest = xxhash.xxh3_128(input_ids.cpu().numpy().tobytes())
+    digest.update(position_ids.cpu().numpy().tobytes())
+    return tuple(input_ids.shape), digest.hexdigest()
 
 
 def _environment(device: torch.device) -> tuple:

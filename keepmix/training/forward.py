@@ -29,12 +29,11 @@ import copy
 from pathlib import Path
 
 import torch
-import xxhash
 from torch import nn
 
 from keepmix.data.packing import Rows
 from keepmix.model import adapter_disabled, is_adapted, trunk_and_head
-from keepmix.training.base_store import BaseHiddenStore
+from keepmix.training.base_store import BaseHiddenStore, rows_key
 from keepmix.training.losses import BaseLogits, full_linear_cross_entropy, fused_linear_cross_entropy
 
 
@@ -67,11 +66,11 @@ class FrozenBase:
     @torch.no_grad()
     def hidden(self, input_ids, position_ids, remember: bool = False) -> torch.Tensor:
         """The base's final hidden states of the rows; `remember`: keep them for the same rows next time."""
-        key = self._key(input_ids, position_ids) if remember else None
+        key = rows_key(input_ids, position_ids) if remember else None
         if key is not None and key in self._remembered:
             return self._remembered[key]
         if key is not None and self.store is not None:
-            stored = self.store.load(input_ids, position_ids)
+            stored = self.store.load(key, input_ids.device)
             if stored is not None:
                 self._keep(key, stored)
                 return stored
@@ -81,19 +80,14 @@ class FrozenBase:
             with adapter_disabled(self._model):
                 out = self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         if key is not None and self._keep(key, out) and self.store is not None:
-            self.store.save(input_ids, position_ids, out)
+            self.store.save(key, out)
         return out
 
     def remember(self, input_ids, position_ids, hidden: torch.Tensor) -> None:
         """Keep `hidden` as the base's hidden states of these rows (the model is still the base)."""
-        if self._keep(self._key(input_ids, position_ids), hidden.detach()) and self.store is not None:
-            self.store.save(input_ids, position_ids, hidden)
-
-    @staticmethod
-    def _key(input_ids, position_ids) -> tuple:
-        digest = xxhash.xxh3_128(input_ids.cpu().numpy().tobytes())
-        digest.update(position_ids.cpu().numpy().tobytes())
-        return tuple(input_ids.shape), digest.hexdigest()
+        key = rows_key(input_ids, position_ids)
+        if self._keep(key, hidden.detach()) and self.store is not None:
+            self.store.save(key, hidden)
 
     def _keep(self, key: tuple, hidden: torch.Tensor) -> bool:
         """Remember `hidden` under `key` if the budget allows; whether it is remembered now."""

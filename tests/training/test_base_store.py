@@ -3,7 +3,7 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from keepmix.training.base_store import BaseHiddenStore
+from keepmix.training.base_store import BaseHiddenStore, rows_key
 from keepmix.training.forward import FrozenBase
 
 
@@ -15,6 +15,7 @@ def _model(seed: int = 0):
 
 
 ROWS = torch.arange(24).reshape(2, 12) % 64, torch.arange(12).repeat(2, 1)
+KEY, CPU = rows_key(*ROWS), torch.device("cpu")
 
 
 def test_a_second_base_reads_what_the_first_wrote(tmp_path):
@@ -34,25 +35,25 @@ def test_a_second_base_reads_what_the_first_wrote(tmp_path):
 
 def test_other_weights_rows_or_threads_miss(tmp_path):
     store = BaseHiddenStore(tmp_path, _model().model)
-    store.save(*ROWS, torch.ones(2, 12, 16))
-    assert store.load(*ROWS) is not None
+    store.save(KEY, torch.ones(2, 12, 16))
+    assert store.load(KEY, CPU) is not None
 
     nudged = _model()
     with torch.no_grad():
         weight = nudged.model.layers[0].mlp.up_proj.weight
         weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(1.0))  # one ulp
-    assert BaseHiddenStore(tmp_path, nudged.model).load(*ROWS) is None
-    assert BaseHiddenStore(tmp_path, _model(seed=1).model).load(*ROWS) is None
-    assert store.load(ROWS[0], ROWS[1].flip(1)) is None  # the same tokens at other positions
-    assert store.load(ROWS[0][:1], ROWS[1][:1]) is None
+    assert BaseHiddenStore(tmp_path, nudged.model).load(KEY, CPU) is None
+    assert BaseHiddenStore(tmp_path, _model(seed=1).model).load(KEY, CPU) is None
+    assert store.load(rows_key(ROWS[0], ROWS[1].flip(1)), CPU) is None  # the same tokens at other positions
+    assert store.load(rows_key(ROWS[0][:1], ROWS[1][:1]), CPU) is None
 
     threads = torch.get_num_threads()
     torch.set_num_threads(threads + 1)
     try:
-        assert store.load(*ROWS) is None  # another summation order: another key
+        assert store.load(KEY, CPU) is None  # another summation order: another key
     finally:
         torch.set_num_threads(threads)
-    assert store.load(*ROWS) is not None
+    assert store.load(KEY, CPU) is not None
 
 
 def test_an_unreadable_file_is_computed_again(tmp_path):
