@@ -19,7 +19,8 @@ hidden, weight and bias are computed in that same pass and kept, so backward onl
 incoming gradient. The head costs the same three matmuls as the plain path (logits,
 grad of hidden, grad of weight). When no gradient is needed (torch.no_grad(), or no input requires
 grad: the evaluation path) none is computed. Under torch.autocast the matmuls run in the autocast
-dtype, as nn.Linear's would. Double backward is not supported.
+dtype, as nn.Linear's would. Double backward is not supported. An evaluation on the CPU (no gradient,
+float32) writes every chunk into the first chunk's buffers instead of allocating its own (`_Workspace`).
 
 `full_linear_cross_entropy` is the plain path (hidden @ weight.T, then F.cross_entropy): the reference,
 and the choice for models whose head does something the fused path does not know about.
@@ -168,13 +169,15 @@ def _chunked_head_loss(hidden, weight, labels, token_weights, bias, chunk_size, 
     b = None if bias is None else bias.to(compute_dtype)
     tok_w = token_weights.to(acc_dtype)
     grads = (grad_hidden, grad_weight, grad_bias)
+    # An evaluation on the CPU: every chunk's (c, V) buffers are the first chunk's (see _Workspace).
+    space = _Workspace() if device.type == "cpu" and compute_dtype == acc_dtype and not any(wanted) else None
     # Casts are explicit here, so autocast must not re-cast the float32 softmax grads in _head_chunk.
     with torch.autocast(device.type, enabled=False):
         rows = (targets & ~kl_rows).nonzero().squeeze(1)
         for start in range(0, rows.numel(), chunk_size):
             idx = rows[start : start + chunk_size]
             w_chunk = tok_w.index_select(0, idx)
-            ce, correct, _ = _head_chunk(hidden, labels, idx, w_chunk, w, b, acc_dtype, *grads)
+            ce, correct, _ = _head_chunk(hidden, labels, idx, w_chunk, w, b, acc_dtype, *grads, space=space)
             token_loss.index_copy_(0, idx, ce.float())
             token_correct.index_copy_(0, idx, correct)
             loss += (w_chunk * ce).sum()
@@ -184,11 +187,12 @@ def _chunked_head_loss(hidden, weight, labels, token_weights, bias, chunk_size, 
             kl_w = base.kl_weights.to(acc_dtype)
             rows = kl_rows.nonzero().squeeze(1)
             step = max(chunk_size // 3, 1)  # three (c, V) buffers per KL chunk: same peak as a CE chunk
+            space = _Workspace() if space is not None else None  # the CE chunks' buffer goes
             for start in range(0, rows.numel(), step):
                 idx = rows[start : start + step]
                 w_chunk, k_chunk = tok_w.index_select(0, idx), kl_w.index_select(0, idx)
                 ce, correct, kl = _head_chunk(hidden, labels, idx, w_chunk, w, b, acc_dtype, *grads,
-                                              base=(base.hidden, bw, bb, k_chunk))
+                                              base=(base.hidden, bw, bb, k_chunk), space=space)
                 token_loss.index_copy_(0, idx, ce.float())
                 token_correct.index_copy_(0, idx, correct)
                 token_kl.index_copy_(0, idx, kl.float())
@@ -198,15 +202,47 @@ def _chunked_head_loss(hidden, weight, labels, token_weights, bias, chunk_size, 
     return loss, token_loss, token_correct, grad_hidden, grad_weight, grad_bias, token_kl
 
 
-def _head_chunk(hidden, labels, idx, w_chunk, w, b, acc_dtype, grad_hidden, grad_weight, grad_bias, base=None):
+class _Workspace:
+    """The (c, V) buffers of an evaluation's chunks, allocated by the first chunk and reused by the rest.
+
+    Why: on the CPU, glibc's malloc maps every block above 32 MB afresh and unmaps it on free, so each new
+    (c, V) tensor arrives as untouched pages that the kernel faults in and zero-fills before the first
+    byte is computed — five of them per KL chunk. Reused, they are faulted in once per call: the KL
+    head of the demo's held-out eval takes 12.1 s instead of 14.4 (docs/PERFORMANCE.md). Only the
+    no-gradient float32 path takes it, with the same operations in the same order written into these
+    buffers (`out=`), so the numbers are the same to the bit (tests/training/test_losses.py). On a GPU
+    the caching allocator already reuses memory.
+    """
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """A contiguous (rows, V) view of buffer `name`, sized by the first (largest) chunk."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape[0] < rows:
+            buffer = self._buffers[name] = torch.empty((rows, like.shape[0]), dtype=like.dtype, device=like.device)
+        return buffer[:rows]
+
+
+def _linear_into(out, h, w, b):
+    """h @ w.T (+ b) into `out`: the matmul nn.Linear and the allocating path do."""
+    return torch.mm(h, w.T, out=out) if b is None else torch.addmm(b, h, w.T, out=out)
+
+
+def _head_chunk(hidden, labels, idx, w_chunk, w, b, acc_dtype, grad_hidden, grad_weight, grad_bias, base=None,
+                space: _Workspace | None = None):
     """Rows `idx`: returns (CE, top-1 correct, KL or None) and adds their gradients into the non-None grad
     buffers. `base` = (base hidden, base head weight, base bias, KL weights of these rows) adds the KL term.
+    `space`: an evaluation's reused buffers (no gradients, float32).
 
     A function of its own so the chunk's (c, V) buffers are freed on return, before the next chunk's
     matmul allocates its own: peak extra memory stays one chunk of logits (three for a KL chunk).
     """
     h = hidden.index_select(0, idx).to(w.dtype)  # (c, H)
     y = labels.index_select(0, idx)
+    if space is not None:
+        return _eval_chunk(h, y, w, b, base, idx, space)
     logits = (h @ w.T if b is None else torch.addmm(b, h, w.T)).to(acc_dtype)  # (c, V)
     target_logit = logits.gather(1, y[:, None]).squeeze(1)
     # One pass gives the top-1 and the logsumexp shift; the logsumexp itself is done by hand, in
@@ -251,6 +287,32 @@ def _head_chunk(hidden, labels, idx, w_chunk, w, b, acc_dtype, grad_hidden, grad
         else:  # float32 master weight under autocast: accumulate in its own precision
             grad_weight += g.T @ h
     return ce, correct, kl
+
+
+def _eval_chunk(h, y, w, b, base, idx, space: _Workspace):
+    """_head_chunk without gradients, its (c, V) tensors in `space`: operation for operation the same
+    arithmetic (torch.logsumexp spelled out as ATen computes it), so the same bits."""
+    c = idx.numel()
+    logits = _linear_into(space.get("logits", c, w), h, w, b)
+    target_logit = logits.gather(1, y[:, None]).squeeze(1)
+    row_max, top1 = logits.max(dim=-1, keepdim=True)
+    correct = top1.squeeze(1) == y
+    if base is None:
+        sum_exp = logits.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
+        return (row_max + sum_exp.log()).squeeze(1) - target_logit, correct, None
+    base_hidden, bw, bb, _ = base
+    scratch = space.get("scratch", c, w)
+    lse = row_max + torch.sub(logits, row_max, out=scratch).exp_().sum(dim=-1, keepdim=True).log()
+    hb = base_hidden.index_select(0, idx).to(bw.dtype)
+    log_pb = _linear_into(space.get("base", c, bw), hb, bw, bb)
+    base_max = log_pb.amax(dim=-1, keepdim=True)  # torch.logsumexp(log_pb, -1, keepdim=True), step by step
+    base_max.masked_fill_(base_max.abs() == float("inf"), 0)
+    base_lse = torch.sub(log_pb, base_max, out=scratch).exp_().sum(dim=-1, keepdim=True).log_().add_(base_max)
+    log_pb -= base_lse
+    p_b = torch.exp(log_pb, out=scratch)
+    log_pb -= logits.sub_(lse)  # log p_base - log p_model
+    kl = torch.bmm(p_b.unsqueeze(1), log_pb.unsqueeze(2)).reshape(-1)
+    return lse.squeeze(1) - target_logit, correct, kl
 
 
 def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

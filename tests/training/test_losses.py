@@ -179,6 +179,7 @@ class _TensorObserver(TorchDispatchMode):
     def __init__(self, existing=()):
         super().__init__()
         self.largest = self.live = self.peak = self.matmul_flops = 0
+        self.allocated: list[int] = []  # bytes of each new storage, in order
         self._known = {id(t.untyped_storage()) for t in existing}
         self._existing = list(existing)  # keeps those ids from being reused while we look
 
@@ -200,6 +201,7 @@ class _TensorObserver(TorchDispatchMode):
                 self._known.add(id(storage))
                 self.live += storage.nbytes()
                 self.peak = max(self.peak, self.live)
+                self.allocated.append(storage.nbytes())
                 weakref.finalize(storage, self._freed, id(storage), storage.nbytes())
         return out
 
@@ -361,6 +363,36 @@ def test_kl_is_zero_against_itself_and_measured_without_gradient():
     assert token_kl.abs().max() < 1e-5
     torch.testing.assert_close(loss, plain)  # kl_weights 0: the loss is the CE alone
     torch.testing.assert_close(token_loss, plain_tokens)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kl", [True, False])
+def test_an_evaluation_reuses_one_set_of_chunk_buffers_and_gives_the_same_bits(kl, bias):
+    """No gradients, float32, CPU: the first chunk's (c, V) buffers serve every chunk (one for the CE
+    chunks, three for the KL ones), and every output equals the allocating pass's (the same call with
+    gradients on) to the bit."""
+    from keepmix.training.losses import BaseLogits
+
+    v = 200
+    hidden, weight, b, labels, tw, bh, bw, kw, mask = kl_inputs(n=61, v=v, dtype=torch.float32)
+    b = b if bias else None
+    base = BaseLogits(bh, bw, b, kw, mask) if kl else None
+    inputs = (hidden, weight, labels, tw, b, bh, bw, kw, mask)
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (hidden, weight, b)]
+    with _TensorObserver(existing=[t for t in inputs if t is not None] + leaves[:2]) as allocating:
+        want = fused_linear_cross_entropy(leaves[0], leaves[1], labels, tw, bias=leaves[2], chunk_size=9, base=base)
+    with _TensorObserver(existing=[t for t in inputs if t is not None]) as reusing, torch.no_grad():
+        got = fused_linear_cross_entropy(hidden, weight, labels, tw, bias=b, chunk_size=9, base=base)
+    assert len(got) == len(want) == (4 if kl else 3)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w.detach())
+    targets = labels != -100
+    kl_rows = int((targets & mask).sum()) if kl else 0
+    ce_chunks, kl_chunks = -(-(int(targets.sum()) - kl_rows) // 9), -(-kl_rows // 3)  # 9 rows, then 3 for KL
+    assert ce_chunks >= 2 and (kl_chunks >= 2 or not kl)  # buffers to reuse, in both loops
+    chunk_sized = 3 * v * 4  # bytes of the smallest chunk buffer
+    assert sum(n >= chunk_sized for n in reusing.allocated) == 1 + (3 if kl else 0)
+    assert sum(n >= chunk_sized for n in allocating.allocated) >= ce_chunks + 3 * kl_chunks  # what it replaces
 
 
 def test_kl_under_bf16_autocast_stays_close_to_fp32():
