@@ -209,9 +209,9 @@ class _Workspace:
     (c, V) tensor arrives as untouched pages that the kernel faults in and zero-fills before the first
     byte is computed — five of them per KL chunk. Reused, they are faulted in once per call: the KL
     head of the demo's held-out eval takes 12.1 s instead of 14.4 (docs/PERFORMANCE.md). Only the
-    no-gradient float32 path takes it, with the same operations in the same order written into these
-    buffers (`out=`), so the numbers are the same to the bit (tests/training/test_losses.py). On a GPU
-    the caching allocator already reuses memory.
+    no-gradient float32 path takes it; `_head_chunk` does the same operations either way, only writing
+    into these buffers (`out=`), so the numbers are the same to the bit (tests/training/test_losses.py).
+    On a GPU the caching allocator already reuses memory.
     """
 
     def __init__(self):
@@ -225,25 +225,36 @@ class _Workspace:
         return buffer[:rows]
 
 
-def _linear_into(out, h, w, b):
-    """h @ w.T (+ b) into `out`: the matmul nn.Linear and the allocating path do."""
+def _linear(h, w, b, out=None):
+    """h @ w.T (+ b), into `out` when given: the matmul nn.Linear does."""
     return torch.mm(h, w.T, out=out) if b is None else torch.addmm(b, h, w.T, out=out)
+
+
+def _logsumexp(x, scratch=None):
+    """torch.logsumexp(x, -1, keepdim=True) as ATen computes it, with its (c, V) temporary in `scratch`."""
+    top = x.amax(dim=-1, keepdim=True)
+    top.masked_fill_(top.abs() == float("inf"), 0)
+    return torch.sub(x, top, out=scratch).exp_().sum(dim=-1, keepdim=True).log_().add_(top)
 
 
 def _head_chunk(hidden, labels, idx, w_chunk, w, b, acc_dtype, grad_hidden, grad_weight, grad_bias, base=None,
                 space: _Workspace | None = None):
     """Rows `idx`: returns (CE, top-1 correct, KL or None) and adds their gradients into the non-None grad
     buffers. `base` = (base hidden, base head weight, base bias, KL weights of these rows) adds the KL term.
-    `space`: an evaluation's reused buffers (no gradients, float32).
 
     A function of its own so the chunk's (c, V) buffers are freed on return, before the next chunk's
-    matmul allocates its own: peak extra memory stays one chunk of logits (three for a KL chunk).
+    matmul allocates its own: peak extra memory stays one chunk of logits (three for a KL chunk). With
+    `space` (an evaluation: no gradients, the matmul dtype float32) they are the workspace's instead,
+    kept for the next chunk; the arithmetic is the same either way.
     """
     h = hidden.index_select(0, idx).to(w.dtype)  # (c, H)
     y = labels.index_select(0, idx)
-    if space is not None:
-        return _eval_chunk(h, y, w, b, base, idx, space)
-    logits = (h @ w.T if b is None else torch.addmm(b, h, w.T)).to(acc_dtype)  # (c, V)
+    c = idx.numel()
+
+    def buffer(name, like):  # None: let the op allocate
+        return None if space is None else space.get(name, c, like)
+
+    logits = _linear(h, w, b, buffer("logits", w)).to(acc_dtype)  # (c, V)
     target_logit = logits.gather(1, y[:, None]).squeeze(1)
     # One pass gives the top-1 and the logsumexp shift; the logsumexp itself is done by hand, in
     # place over the logits, because torch.logsumexp would hold a second (c, V) buffer.
@@ -253,11 +264,11 @@ def _head_chunk(hidden, labels, idx, w_chunk, w, b, acc_dtype, grad_hidden, grad
     if base is not None:
         base_hidden, bw, bb, k_chunk = base
         # at most three (c, V) buffers live at once: logits, base log-probs, and one temporary / p_base
-        lse = row_max + (logits - row_max).exp_().sum(dim=-1, keepdim=True).log()
+        lse = row_max + torch.sub(logits, row_max, out=buffer("scratch", w)).exp_().sum(dim=-1, keepdim=True).log()
         hb = base_hidden.index_select(0, idx).to(bw.dtype)
-        log_pb = (hb @ bw.T if bb is None else torch.addmm(bb, hb, bw.T)).to(acc_dtype)  # (c, V)
-        log_pb -= torch.logsumexp(log_pb, dim=-1, keepdim=True)
-        p_b = log_pb.exp()  # (c, V)
+        log_pb = _linear(hb, bw, bb, buffer("base", bw)).to(acc_dtype)  # (c, V)
+        log_pb -= _logsumexp(log_pb, buffer("scratch", w))
+        p_b = torch.exp(log_pb, out=buffer("scratch", w))  # (c, V)
         log_pb -= logits.sub_(lse)  # log p_base - log p_model; `logits` now holds log p_model
         kl = torch.bmm(p_b.unsqueeze(1), log_pb.unsqueeze(2)).reshape(-1)  # row-wise dot: no (c, V) temporary
         ce = lse.squeeze(1) - target_logit
@@ -287,32 +298,6 @@ def _head_chunk(hidden, labels, idx, w_chunk, w, b, acc_dtype, grad_hidden, grad
         else:  # float32 master weight under autocast: accumulate in its own precision
             grad_weight += g.T @ h
     return ce, correct, kl
-
-
-def _eval_chunk(h, y, w, b, base, idx, space: _Workspace):
-    """_head_chunk without gradients, its (c, V) tensors in `space`: operation for operation the same
-    arithmetic (torch.logsumexp spelled out as ATen computes it), so the same bits."""
-    c = idx.numel()
-    logits = _linear_into(space.get("logits", c, w), h, w, b)
-    target_logit = logits.gather(1, y[:, None]).squeeze(1)
-    row_max, top1 = logits.max(dim=-1, keepdim=True)
-    correct = top1.squeeze(1) == y
-    if base is None:
-        sum_exp = logits.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
-        return (row_max + sum_exp.log()).squeeze(1) - target_logit, correct, None
-    base_hidden, bw, bb, _ = base
-    scratch = space.get("scratch", c, w)
-    lse = row_max + torch.sub(logits, row_max, out=scratch).exp_().sum(dim=-1, keepdim=True).log()
-    hb = base_hidden.index_select(0, idx).to(bw.dtype)
-    log_pb = _linear_into(space.get("base", c, bw), hb, bw, bb)
-    base_max = log_pb.amax(dim=-1, keepdim=True)  # torch.logsumexp(log_pb, -1, keepdim=True), step by step
-    base_max.masked_fill_(base_max.abs() == float("inf"), 0)
-    base_lse = torch.sub(log_pb, base_max, out=scratch).exp_().sum(dim=-1, keepdim=True).log_().add_(base_max)
-    log_pb -= base_lse
-    p_b = torch.exp(log_pb, out=scratch)
-    log_pb -= logits.sub_(lse)  # log p_base - log p_model
-    kl = torch.bmm(p_b.unsqueeze(1), log_pb.unsqueeze(2)).reshape(-1)
-    return lse.squeeze(1) - target_logit, correct, kl
 
 
 def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
