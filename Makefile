@@ -30,11 +30,16 @@ demo: install
 demo-quick: install
 	$(PY) -m keepmix demo --quick
 
+# The suite on every core: one pytest-xdist worker per core, whole files per worker (module fixtures are
+# built once), one thread per worker (tests/conftest.py). TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= logical
+TEST_FLAGS := -q -n $(TEST_WORKERS) --dist loadfile
+
 test: install
-	$(PY) -m pytest -q --timeout=900
+	$(PY) -m pytest $(TEST_FLAGS) --timeout=900
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" --timeout=300
+	$(PY) -m pytest $(TEST_FLAGS) -m "not slow" --timeout=300
 
 bench: install
 	$(PY) bench/bench_train.py

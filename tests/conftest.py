@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -151,3 +152,22 @@ def forgetting_run(model_dir: Path, guard: dict | None = None, **train) -> dict:
             "mixture": mixture,
             "train": {"steps": 30, "lr_schedule": "constant", "checkpoint_every": None, **train},
             "eval": {"every": 10}}
+
+
+def pytest_configure(config):
+    share_the_cores_between_workers()
+
+
+def share_the_cores_between_workers() -> None:
+    """Under pytest-xdist (`make test` runs one worker per core), each worker — and every keepmix command
+    a test starts, which inherits OMP_NUM_THREADS — takes its share of the cores. Two workers of two
+    threads each on a 2-core machine oversubscribe it: OpenMP threads spin waiting for a descheduled
+    peer, and both workers run slower than one alone."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 1:
+        return
+    import torch
+
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)

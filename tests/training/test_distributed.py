@@ -27,9 +27,9 @@ def launch(config: Path, processes: int, *args: str, wait: bool = True):
     if processes == 1:
         cmd = [sys.executable, "-m", "keepmix", "train", str(config), "--quiet", "--no-report", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", str(29500 + os.getpid() % 1000), "-m", "keepmix", "train", str(config),
-               "--quiet", "--no-report", *args]
+        # --standalone: torchrun picks a free port itself, so tests running side by side never collide
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "keepmix", "train", str(config), "--quiet", "--no-report", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if wait:
