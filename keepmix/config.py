@@ -230,6 +230,10 @@ class TrainConfig(_Strict):
         False, description="With several processes, shard weights, gradients and optimizer state (FSDP2)."
     )
     threads: int | None = Field(None, gt=0, description="CPU threads (torch.set_num_threads).")
+    keep_freed_memory: bool = Field(
+        True, description="On the CPU under glibc (Linux): malloc keeps freed blocks up to 1 GiB in the process "
+        "instead of returning them to the kernel, so a step's tensors are not faulted in afresh (a step 1.27x as "
+        "fast on the demo; the process keeps its peak heap resident). false: glibc's defaults.")
     l2_to_base: float = Field(
         0.0, ge=0, description="lambda: add lambda/2 * ||theta - theta_0||^2 over the trained weights (L2-SP; "
         "LoRA: the adapter's weight change); 0 = off."
@@ -717,6 +721,7 @@ RESUME_SAFE_KEYS = (
     "train.log_every",
     "train.device",
     "train.threads",
+    "train.keep_freed_memory",
     "model.lora.merge",
 )
 
@@ -736,7 +741,7 @@ BASELINE_SAFE_KEYS = (
     *(f"train.{k}" for k in ("steps", "lr", "init_from", "min_lr_ratio", "lr_schedule", "warmup", "decay", "weight_decay",
                              "l2_to_base",
                              "betas", "eps", "grad_clip", "batch_size", "micro_batch_size", "checkpoint_every",
-                             "keep_checkpoints", "log_every", "compile", "threads", "fsdp")),
+                             "keep_checkpoints", "log_every", "compile", "threads", "keep_freed_memory", "fsdp")),
 )
 
 

@@ -50,6 +50,9 @@ def evaluate(config: RunConfig | str | Path, models: list[str], overrides: dict 
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"))
     from keepmix.eval.tasks import check_tasks
+    from keepmix.training.cpu_memory import keep_freed_memory_for_run
+
+    keep_freed_memory_for_run(cfg, device)
 
     check_tasks(list(cfg.eval.tasks), Path(cfg.base_dir), cfg.sources)
     base, generated = None, {}

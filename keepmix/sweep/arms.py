@@ -26,8 +26,8 @@ from keepmix.errors import ConfigError, KeepmixError
 
 # Keys that may differ between a completed arm and the arm asked for, with the arm still reused: they
 # change where caches live and how fast the run goes, not what it computes.
-REUSE_SAFE_KEYS = ("cache_dir", "trackers", "train.threads", "train.device", "train.log_every",
-                   "train.checkpoint_every", "train.keep_checkpoints", "eval.baseline_from")
+REUSE_SAFE_KEYS = ("cache_dir", "trackers", "train.threads", "train.keep_freed_memory", "train.device",
+                   "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "eval.baseline_from")
 
 
 @dataclass

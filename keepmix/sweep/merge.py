@@ -21,6 +21,7 @@ import yaml
 
 from keepmix.config import parse_config
 from keepmix.errors import KeepmixError
+from keepmix.training.cpu_memory import keep_freed_memory_for_run
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -62,6 +63,7 @@ def merge_run(run_dir: str | Path, alphas: list[float], *, write: float | None =
         alphas = [*alphas, write]
     cfg, final_dir, baseline = _run_parts(run_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"))
+    keep_freed_memory_for_run(cfg, dev)
     base_model, tokenizer = load_base(cfg)
     lora = (final_dir / "adapter_config.json").exists()
     final_model = None if lora else load_model(str(final_dir), trust_remote_code=cfg.model.trust_remote_code)[0]

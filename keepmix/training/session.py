@@ -29,6 +29,7 @@ import yaml
 from keepmix.config import RunConfig, changed_keys, config_to_dict, dump_config
 from keepmix.errors import KeepmixError
 from keepmix.model import add_lora, load_model, load_trainable_state, save_final, trainable_state
+from keepmix.training.cpu_memory import keep_freed_memory_for_run
 from keepmix.training import checkpoint as ckpt
 
 
@@ -101,6 +102,7 @@ class Session:
         self._clock = time.perf_counter()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        keep_freed_memory_for_run(cfg, self.accelerator.device)
         m = cfg.model
         self.model, self.tokenizer = self._load_model()
         if m.gradient_checkpointing:
