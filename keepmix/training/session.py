@@ -30,6 +30,7 @@ from keepmix.config import RunConfig, changed_keys, config_to_dict, dump_config
 from keepmix.errors import KeepmixError
 from keepmix.model import add_lora, load_model, load_trainable_state, save_final, trainable_state
 from keepmix.training.cpu_memory import keep_freed_memory_for_run
+from keepmix.training.precision import mixed_precision, slow_bf16_notice
 from keepmix.training import checkpoint as ckpt
 
 
@@ -68,7 +69,13 @@ def make_accelerator(device: str, precision: str):
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         raise KeepmixError("keepmix shards the model itself: set train.fsdp: true in the config and launch "
                            "without accelerate's FSDP options (--use_fsdp / an FSDP accelerate config)")
-    mixed = "bf16" if cuda and precision in ("auto", "bf16") else "no"
+    mixed = mixed_precision(precision, cuda)
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one precision per process; a process that runs several runs (a sweep's arms, the
+    # demo, a test worker) may ask for another one: start its state over, leaving the process group be
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=not cuda, mixed_precision=mixed)
 
 
@@ -103,6 +110,8 @@ class Session:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         keep_freed_memory_for_run(cfg, self.accelerator.device)
+        if notice := slow_bf16_notice(cfg.train.precision, self.accelerator.device.type == "cuda"):
+            self.progress.notice(notice)
         m = cfg.model
         self.model, self.tokenizer = self._load_model()
         if m.gradient_checkpointing:
@@ -310,6 +319,7 @@ class Session:
             "sources": self.cfg.source_names, "model": self.cfg.model.name or "scratch",
             "resumed_from": int(self._latest.name.split("-")[1]) if self._latest else None,
             "output": str(self.run_dir), "world_size": self.accelerator.num_processes,
+            "precision": "bf16" if self.accelerator.mixed_precision == "bf16" else "fp32",
             **({"damaged_checkpoints": {p.name: why for p, why in self._found.damaged}}
                if self._found and self._found.damaged else {}),
             **({"init_from": self._warm_record} if self._warm_record else {}),

@@ -134,6 +134,15 @@ def test_rerun_replaces_the_previous_demo_runs(tiny_model_dir, tmp_path):
     assert again["rows"]["keepmix"]["step"] == 1 and "compare" not in again["reports"]
 
 
+def test_both_arms_train_in_the_precision_asked_for(tiny_model_dir, tmp_path):
+    verdict = run_demo(tmp_path, model=str(tiny_model_dir), progress="quiet", settings=TINY, steps=1, reports=False,
+                       precision="bf16")
+    assert verdict["precision"] == "bf16"
+    for arm in ARMS:
+        assert yaml.safe_load((tmp_path / arm / "config.yaml").read_text())["train"]["precision"] == "bf16"
+        assert train_records(tmp_path / arm, "start")[0]["precision"] == "bf16"
+
+
 def test_a_folder_that_is_not_a_demo_run_is_never_removed(tiny_model_dir, tmp_path):
     precious = tmp_path / "keepmix" / "notes.txt"
     precious.parent.mkdir()

@@ -42,3 +42,17 @@ def test_compiled_blocks_train_like_eager_with_one_graph_for_all_layers(make_run
     # the state dict is the model's own (no compiled-wrapper prefixes): the final model loads as usual
     model = transformers.AutoModelForCausalLM.from_pretrained(blocks.final_dir)
     assert not any("_orig_mod" in k for k in model.state_dict())
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_bf16_autocast_train_like_eager_bf16(make_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    train = {"steps": 4, "checkpoint_every": None, "precision": "bf16"}
+    eager = keepmix.train(make_run("eager-bf16", train=train, eval={"every": None}), progress="quiet")
+    torch._dynamo.reset()
+    blocks = keepmix.train(make_run("blocks-bf16", train={**train, "compile": "blocks"}, eval={"every": None}),
+                           progress="quiet")
+    losses = [r["loss"] for r in train_records(eager.run_dir)]
+    # bf16 products summed in another order by the fused kernels: bf16's tolerance, not float32's
+    assert [r["loss"] for r in train_records(blocks.run_dir)] == pytest.approx(losses, rel=1e-2)
+    assert train_records(blocks.run_dir, "start")[0]["precision"] == "bf16"

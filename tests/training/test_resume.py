@@ -19,6 +19,7 @@ from keepmix.errors import NonFiniteLossError
 from tests.conftest import deep_update, forgetting_run, train_records
 
 LORA = {"model": {"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}}}
+VARIANTS = {"full": {}, "lora": LORA, "bf16": {"train": {"precision": "bf16"}}}  # bf16: autocast on the CPU too
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -41,9 +42,9 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("variant", ["full", "lora"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_stopped_and_resumed_run_is_bit_identical(make_run, variant):
-    updates = LORA if variant == "lora" else {}
+    updates = VARIANTS[variant]
     whole = make_run("whole", **updates)
     parts = make_run("parts", **updates)
     keepmix.train(whole, progress="quiet")
