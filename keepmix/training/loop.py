@@ -187,7 +187,8 @@ def _train(s: Session, stop_at: int | None) -> TrainResult:
         if stopping:
             s.finish("stopped")
             return TrainResult(s.run_dir, None, "stopped", state.step, s.last_metrics, s.last_retention)
-        step_start = time.perf_counter()  # evals and checkpoints do not count as step time
+        s.after_step_memory()
+        step_start = time.perf_counter()  # evals, checkpoints and a heap trim do not count as step time
     final_dir = s.save_final()
     acc.wait_for_everyone()
     if acc.is_main_process:

@@ -29,7 +29,7 @@ import yaml
 from keepmix.config import RunConfig, changed_keys, config_to_dict, dump_config
 from keepmix.errors import KeepmixError
 from keepmix.model import add_lora, load_model, load_trainable_state, save_final, trainable_state
-from keepmix.training.cpu_memory import keep_freed_memory_for_run
+from keepmix.training.cpu_memory import heap_guard_for_run, keep_freed_memory_for_run
 from keepmix.training.precision import mixed_precision, slow_bf16_notice
 from keepmix.training import checkpoint as ckpt
 
@@ -106,6 +106,7 @@ class Session:
         self._warm_record: dict | None = None  # what the warm start took, for the start record
         self.state.resumed_from = self.resumed_from
         self._trackers = None
+        self._heap_guard = None
         self._clock = time.perf_counter()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -276,6 +277,12 @@ class Session:
             dump_config(self.cfg, self.run_dir / "config.yaml")
             self._truncate_metrics(self._latest)
             self._log_start()
+        self._heap_guard = heap_guard_for_run()  # after loading and restoring: trims what they left behind
+
+    def after_step_memory(self) -> None:
+        """Once per step, after its evals and checkpoints: bound what kept freed memory holds resident."""
+        if self._heap_guard is not None:
+            self._heap_guard.after_step()
 
     def _truncate_metrics(self, latest: Path | None) -> None:
         """Keep the records up to the checkpoint a resume starts from (all of them: none)."""
@@ -599,6 +606,8 @@ class Session:
                   "wall_s": round(wall, 3), "tokens_per_s": st.tokens_seen / max(wall, 1e-9), "status": status,
                   "packing": st.tokens_seen / max(st.step * self.cfg.train.batch_size * self.cfg.train.seq_len, 1),
                   "final_dir": str(final_dir) if final_dir else None, "summary": summary}
+        if self._heap_guard is not None:  # how often kept freed memory had to be given back
+            record["heap"] = self._heap_guard.record()
         self.log(record)
         if self._trackers is not None:
             self._trackers.finish()

@@ -44,6 +44,29 @@ print(json.dumps({"kept": kept, "in_heap": in_heap, "reported": reported,
                   "again": keep_freed_memory() if kept else None}))
 """
 
+# What `HeapGuard` bounds: memory the heap keeps resident but malloc no longer hands out, growing round
+# after round. In a bf16 run fragmentation grows it (docs/PERFORMANCE.md, seventh pass); where freed blocks
+# land is up to glibc, so here the heap's high-water mark rises instead, which leaves the same resident free
+# memory behind and does so on every run: "rising" holds one more 64 MiB block each round, "flat" always one.
+# (`HEAP_GUARD_SLACK`, 4 such blocks, is what keeps the flat loop's first holes from counting.)
+HEAP_ROUNDS = """
+import json, sys, torch
+from keepmix.training.cpu_memory import heap_guard_for_run, keep_freed_memory
+keep_freed_memory()
+guard = heap_guard_for_run() if sys.argv[1] == "guard" else None
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+start, held = resident(), []
+for round in range(16):
+    blocks = [torch.ones(16 << 20) for _ in range(round + 1 if sys.argv[2] == "rising" else 1)]
+    del blocks
+    if guard is not None:
+        guard.after_step()
+    held.append((resident() - start) / (64 << 20))
+print(json.dumps({"held": held, "trims": guard.trims if guard else None,
+                  "released": guard.released / (64 << 20) if guard else None}))
+"""
+
 TRAIN = """
 import json, sys
 from keepmix import train
@@ -68,6 +91,17 @@ def test_a_large_block_comes_from_the_heap_instead_of_a_mapping_of_its_own():
     assert kept["in_heap"] == [True] * 3
 
 
+def test_the_heap_guard_gives_back_resident_free_memory_that_keeps_growing_and_leaves_a_flat_loop_alone():
+    unguarded = _run(HEAP_ROUNDS, "none", "rising")
+    guarded = _run(HEAP_ROUNDS, "guard", "rising")
+    flat = _run(HEAP_ROUNDS, "guard", "flat")
+    assert unguarded["held"][-1] >= 15  # kept freed memory is never given back on its own
+    assert guarded["trims"] >= 2 and guarded["released"] >= 8  # in 64 MiB blocks
+    assert max(guarded["held"]) <= 9
+    # a loop that settles (glibc may leave a hole or three first) is never trimmed
+    assert flat["trims"] == 0 and max(flat["held"]) <= 6 and flat["held"][-1] - flat["held"][7] <= 1
+
+
 def test_a_cpu_run_keeps_freed_memory_unless_told_not_to_and_computes_the_same(make_run):
     runs = {}
     for keep in ("true", "false"):
@@ -75,6 +109,9 @@ def test_a_cpu_run_keeps_freed_memory_unless_told_not_to_and_computes_the_same(m
         runs[keep] = _run(TRAIN, str(config), keep), config.parent / "out"
     assert runs["true"][0]["kept"] >= 32 << 20
     assert runs["false"][0]["kept"] == 0
+    # the run that keeps freed memory guards it, and says how often it gave some back
+    heap = [train_records(runs[k][1], "end")[-1].get("heap") for k in ("true", "false")]
+    assert heap[1] is None and heap[0]["trims"] >= 0 and heap[0]["reference_mb"] > 0
     # where a tensor's memory comes from changes no number: the same losses and evals, bit for bit
     kept, system = (train_records(runs[k][1]) for k in ("true", "false"))
     assert [r["loss"] for r in kept] == [r["loss"] for r in system] and len(kept) == 3
