@@ -23,7 +23,8 @@ the heap grew by one of them a step (SmolLM2-135M: 3.6 -> 5.9 GB resident in 12 
 1.7 GB). `HeapGuard` bounds that: after each step it compares what is resident but not in use with
 what it was after the run's second step, and past `HEAP_GUARD_RATIO` times that (`HEAP_GUARD_SLACK` more
 at least) it gives the heap's free pages back to the kernel (`malloc_trim`) — one step faults them in
-again, the others keep what they reuse; the bf16 demo's max RSS 9.0 -> 6.0 GB, its time unchanged. Set `train.keep_freed_memory: false` for glibc's defaults.
+again, the others keep what they reuse; the bf16 demo's max RSS 9.0 -> 6.0 GB, its time unchanged.
+Set `train.keep_freed_memory: false` for glibc's defaults.
 
 Process-wide and one-way: glibc has no "restore the defaults". keepmix applies it where it runs on the
 CPU (a training run, `keepmix eval`, `keepmix merge`), never on import. Elsewhere than glibc (macOS,
@@ -33,6 +34,7 @@ Windows, musl) it does nothing.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 
@@ -57,24 +59,28 @@ def keep_freed_memory() -> int:
 
     Returns the largest block size now served from the heap, or 0 where there is no glibc."""
     global _kept
-    if _kept is not None:
-        return _kept
+    if _kept is None:
+        libc = _glibc()
+        limits = (HEAP_BLOCKS_UP_TO, _GLIBC_CAP) if libc is not None else ()
+        # glibc before 2.35 refuses the larger threshold: the first it takes
+        _kept = next((limit for limit in limits if libc.mallopt(_M_MMAP_THRESHOLD, limit) == 1), 0)
+        if _kept:
+            libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE)
+    return _kept
+
+
+@functools.cache
+def _glibc():
+    """glibc's malloc tuning functions with their prototypes; None where there is no glibc."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        _kept = 0
-        return 0
+        return None
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes, libc.mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
     except (OSError, AttributeError):
-        _kept = 0
-        return 0
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    for limit in (HEAP_BLOCKS_UP_TO, _GLIBC_CAP):
-        if mallopt(_M_MMAP_THRESHOLD, limit) == 1:
-            mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE)
-            _kept = limit
-            return limit
-    _kept = 0
-    return 0
+        return None
+    return libc
 
 
 def keep_freed_memory_for_run(cfg, device) -> int:
@@ -96,16 +102,6 @@ class _MallInfo2(ctypes.Structure):  # glibc >= 2.33; mallinfo()'s int fields ov
                  "keepcost")]
 
 
-def _libc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype, libc.mallinfo2.argtypes = _MallInfo2, ()
-        libc.malloc_trim.restype, libc.malloc_trim.argtypes = ctypes.c_int, (ctypes.c_size_t,)
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
 def _resident_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -122,7 +118,7 @@ class HeapGuard:
 
     def __init__(self, libc, ratio: float = HEAP_GUARD_RATIO, slack: int = HEAP_GUARD_SLACK):
         self._libc, self.ratio, self.slack = libc, ratio, slack
-        self._steps, self.reference = 0, None
+        self._steps, self.reference = 0, 0
         self.trims, self.released = 0, 0
         libc.malloc_trim(0)  # start from this run's own heap, not what an earlier run in the process left
 
@@ -130,30 +126,28 @@ class HeapGuard:
         info = self._libc.mallinfo2()
         return _resident_bytes() - info.uordblks - info.hblkhd
 
-    def after_step(self) -> bool:
-        """Trim the heap if its resident free memory has outgrown the reference; True if it did."""
+    def after_step(self) -> None:
+        """Trim the heap if its resident free memory has outgrown the reference."""
         self._steps += 1
         spare = self.resident_not_in_use()
         if self._steps <= 2:
-            self.reference = spare if self.reference is None else max(self.reference, spare)
-            return False
-        if spare <= max(self.ratio * self.reference, self.reference + self.slack):
-            return False
-        before = _resident_bytes()
-        self._libc.malloc_trim(0)
-        self.trims += 1
-        self.released += max(before - _resident_bytes(), 0)
-        return True
+            self.reference = max(self.reference, spare)
+        elif spare > max(self.ratio * self.reference, self.reference + self.slack):
+            before = _resident_bytes()
+            self._libc.malloc_trim(0)
+            self.trims += 1
+            self.released += max(before - _resident_bytes(), 0)
 
     def record(self) -> dict:
         return {"trims": self.trims, "released_mb": round(self.released / 2**20, 1),
-                "reference_mb": round((self.reference or 0) / 2**20, 1)}
+                "reference_mb": round(self.reference / 2**20, 1)}
 
 
 def heap_guard_for_run() -> HeapGuard | None:
     """A `HeapGuard` where this process keeps freed memory (`keep_freed_memory` applied) and glibc has
     `mallinfo2`; None elsewhere (glibc's defaults give memory back by themselves)."""
-    if not kept_blocks_up_to():
+    libc = _glibc()
+    if not kept_blocks_up_to() or libc is None or not hasattr(libc, "mallinfo2"):
         return None
-    libc = _libc()
-    return HeapGuard(libc) if libc is not None else None
+    libc.mallinfo2.argtypes, libc.mallinfo2.restype = (), _MallInfo2
+    return HeapGuard(libc)
