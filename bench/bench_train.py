@@ -56,10 +56,10 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-# On a shared machine, OpenMP threads that spin at barriers while another job holds the cores turn a
-# 0.3 s step into a 6 s one; sleeping at barriers instead keeps the steps steady. Inherited by every
-# arm and probe; an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy is left as the environment has it — what a keepmix run gets. On an idle machine
+# OpenMP's default (spin briefly at a barrier, then sleep) is what makes a step fast: PASSIVE (sleep at
+# once) made keepmix's SmolLM2 step 3.92 -> 4.30 s (docs/PERFORMANCE.md, eighth pass). On a shared machine,
+# where a spinning thread can wait for a partner that is not scheduled, set OMP_WAIT_POLICY=PASSIVE.
 
 import _workloads as wl  # noqa: E402
 
@@ -181,7 +181,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="a 4-layer Llama instead of SmolLM2 (under a minute)")
     p.add_argument("--steps", type=int, help="timed optimizer steps per arm (default 10; 12 with --tiny): "
                                             "three were too few for a ratio stable to a few percent")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--warmup", type=int, default=4,
+                   help="untimed steps first (default 4: keepmix's heap faults its pages in over the first four)")
     p.add_argument("--batch", type=int, help="rows per step (default 4; 8 with --tiny)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--text-arms", default="a,c", help="arms on packed text, '' for none (default a,c)")
@@ -390,7 +391,7 @@ def render(summary: dict, results: dict, label: str, args) -> str:
         peaks += "; bf16 " + ", ".join(f"{ds} {g:.0f}" for ds, g in summary["peak_gflops_bf16"].items())
     lines = [f"model: {label}; seq_len {args.seq_len}, batch {args.batch}; arms in lockstep, "
              f"{args.warmup} warm-up + {args.steps} timed steps each; threads {threads}, "
-             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; matmul peak during the rounds: {peaks} GFLOP/s", "",
+             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; matmul peak during the rounds: {peaks} GFLOP/s", "",
              "| data | arm | tok/s | useful tok/s | padding | × (a) | × (b) | MFU | data pipeline | peak RSS MB |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rows"]:
