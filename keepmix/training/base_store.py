@@ -4,7 +4,8 @@ Contract: `BaseHiddenStore(folder, trunk)` loads or saves the final hidden state
 by `rows_key`) under a key that names everything they are a function of: the base's weights (a digest of every parameter and
 buffer the trunk uses, its names, shapes and dtypes, taken once on first use), its class and attention
 implementation, the device kind, the number of CPU threads (a matmul's summation order depends on it),
-torch's version, and the rows' token and position ids. So a file is only ever read by a computation that
+whether autocast is on for that device and in which dtype (a bf16 run's base is another computation than
+a float32 run's), torch's version, and the rows' token and position ids. So a file is only ever read by a computation that
 would have produced the same bits: the arms of a demo, a sweep or a merge evaluate their base once between
 them, each in its own process. Files are written to a temporary name and renamed, so a reader sees whole
 files only; a file that cannot be read all the same is a miss (removed, then written again), and a folder
@@ -94,4 +95,6 @@ def _environment(device: torch.device) -> tuple:
         where = torch.cuda.get_device_name(device)
     else:
         where = f"{device.type} x{torch.get_num_threads()}"
-    return where, torch.__version__
+    # the autocast state where the base runs (or its states are kept): bf16 products give other bits
+    autocast = str(torch.get_autocast_dtype(device.type)) if torch.is_autocast_enabled(device.type) else None
+    return where, autocast, torch.__version__

@@ -56,6 +56,20 @@ def test_other_weights_rows_or_threads_miss(tmp_path):
     assert store.load(KEY, CPU) is not None
 
 
+def test_a_base_run_under_bf16_autocast_is_kept_apart_from_a_float32_one(tmp_path):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 run's held-out eval
+        in_bf16 = FrozenBase(_model(), as_is=True, store=tmp_path).hidden(*ROWS, remember=True)
+    in_fp32 = FrozenBase(_model(), as_is=True, store=tmp_path)
+    computed = in_fp32.hidden(*ROWS, remember=True)
+    assert in_fp32.store.hits == 0 and in_fp32.store.writes == 1  # the bf16 file was not read
+    assert not torch.equal(computed.float(), in_bf16.float())
+    assert torch.equal(computed, in_fp32.trunk(input_ids=ROWS[0], position_ids=ROWS[1]).last_hidden_state)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        again = FrozenBase(_model(), as_is=True, store=tmp_path)
+        assert torch.equal(again.hidden(*ROWS, remember=True), in_bf16) and again.store.hits == 1
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
 def test_an_unreadable_file_is_computed_again(tmp_path):
     base = FrozenBase(_model(), as_is=True, store=tmp_path)
     expected = base.hidden(*ROWS)  # not remembered: nothing written
