@@ -5,8 +5,8 @@ what it is. It runs keepmix's own `train()` on packed prose (the bench's `text` 
 steps and then times every operator of some more steps, eager and with `train.compile: blocks`, and splits
 their time by kind of operator:
 
-  GEMMs          mm / addmm / bmm (the linear layers forward and backward, the LM head); their FLOPs from
-                 their operands' shapes, so their own GFLOP/s
+  GEMMs          mm / addmm / bmm (the linear layers forward and backward, the LM head); their FLOPs by
+                 torch's own formulas (torch.utils.flop_counter), so their own GFLOP/s
   attention      scaled_dot_product attention, forward and backward
   optimizer      the AdamW step (fused) and gradient clipping (the _foreach_ operators)
   other          everything else: RMSNorm, RoPE, SiLU, residual adds, the loss head's softmax, copies,
@@ -53,12 +53,18 @@ sys.path.insert(0, str(BENCH))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import flop_registry  # noqa: E402
 
 import _workloads as wl  # noqa: E402
 
 GEMM = ("mm", "addmm", "addmm_", "bmm", "baddbmm")  # ATen names, without the profiler's "aten::"
 ATTENTION = "scaled_dot_product"
 OPTIMIZER = ("_fused_adamw_", "_fused_adam_", "_foreach_")  # the step and clip_grad_norm_'s norm and scale
+_aten = torch.ops.aten
+# torch's FLOP formulas by GEMM; the in-place addmm_ (the LM head's weight gradient) counts as addmm does
+_GEMM_FLOPS = {**{op: flop_registry[op] for op in (_aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm)},
+               _aten.addmm_: flop_registry[_aten.addmm]}
 
 
 ARMS = {  # name: (train.compile, train.precision, train.keep_freed_memory)
@@ -90,44 +96,34 @@ def layer_gemms(config, tokens: int) -> list[tuple[str, int, int, int]]:
     return shapes
 
 
-class OpTimer:
-    """Own wall time and FLOPs of the ATen operators run while it is active, summed by operator name.
+class OpTimer(TorchDispatchMode):
+    """Own wall time of the ATen operators run while it is active, summed by operator name, and the GEMMs'
+    FLOPs (torch's own flop formulas).
 
-    A TorchDispatchMode (entered and left at step boundaries, so not a `with` block): on the CPU an
-    operator returns when its work is done, so the clock around the call is its self time. It allocates
-    nothing in the C heap the step's tensors live in (see the module doc for why that matters)."""
+    Started and stopped at step boundaries, so not used as a `with` block: on the CPU an operator returns
+    when its work is done, so the clock around the call is its self time. It allocates nothing in the C
+    heap the step's tensors live in (see the module doc for why that matters)."""
 
     def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        timer = self
+        super().__init__()
         self.seconds: dict[str, float] = {}
         self.gemm_flops = 0
 
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                start = time.perf_counter()
-                out = func(*args, **(kwargs or {}))
-                name = func.overloadpacket.__name__
-                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - start
-                if name in GEMM:
-                    timer.gemm_flops += _gemm_flops(name, args)
-                return out
-
-        self._mode = _Mode()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        start = time.perf_counter()
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        if name in GEMM:
+            self.gemm_flops += _GEMM_FLOPS[func.overloadpacket](*args, **kwargs, out_val=out)
+        return out
 
     def start(self) -> None:
-        self._mode.__enter__()
+        self.__enter__()
 
     def stop(self) -> None:
-        self._mode.__exit__(None, None, None)
-
-
-def _gemm_flops(name: str, args) -> int:
-    """2 x m x k x n (x batch) of one GEMM call, from its operands' shapes."""
-    a, b = (args[1], args[2]) if name in ("addmm", "addmm_", "baddbmm") else (args[0], args[1])
-    batch = a.shape[0] if a.dim() == 3 else 1
-    return 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
+        self.__exit__(None, None, None)
 
 
 def _minor_faults() -> int:
@@ -164,7 +160,14 @@ def profile_steps(spec: dict, warmup: int, timed: int, steps: int, how: str) -> 
     total = split_from + steps
     train(cfg, progress="quiet", stop_at=total)
     window = batches[warmup: warmup + timed]
-    return {"instrument": instrument, "how": how, "step_s": (marks[warmup + timed] - marks[warmup]) / timed,
+    if how == "timer":
+        seconds, gemm_flops = instrument.seconds, instrument.gemm_flops
+    else:  # the profiler's operators, keyed "aten::mm" and so on (its other keys are ranges that hold operators)
+        events = [e for e in instrument.key_averages() if e.key.startswith("aten::")]
+        seconds = {e.key.removeprefix("aten::"): e.self_cpu_time_total / 1e6 for e in events}
+        gemm_flops = sum(e.flops or 0 for e in events if e.key.removeprefix("aten::") in GEMM)
+    return {"seconds": seconds, "gemm_flops": gemm_flops, "how": how,
+            "step_s": (marks[warmup + timed] - marks[warmup]) / timed,
             "profiled_s": marks[total] - marks[split_from],
             "faults_timed": faults[warmup + timed] - faults[warmup], "faults_split": faults[total] - faults[split_from],
             "useful": sum(b["useful"] for b in window), "pairs": sum(b["pairs"] for b in window)}
@@ -172,15 +175,9 @@ def profile_steps(spec: dict, warmup: int, timed: int, steps: int, how: str) -> 
 
 def split(got: dict) -> dict:
     """Seconds of the split steps by kind of operator (GEMMs, attention, optimizer: their operators' self
-    time; other: the rest of the wall clock), and the GEMMs' FLOPs."""
-    if got["how"] == "timer":
-        seconds, gemm_flops = got["instrument"].seconds, got["instrument"].gemm_flops
-    else:  # torch.profiler's averages, keyed "aten::mm" and so on
-        events = got["instrument"].key_averages()
-        seconds = {e.key.removeprefix("aten::"): e.self_cpu_time_total / 1e6 for e in events}
-        gemm_flops = sum(e.flops or 0 for e in events if e.key.removeprefix("aten::") in GEMM)
+    time; other: the rest of the wall clock)."""
     parts = {"GEMMs": 0.0, "attention": 0.0, "optimizer": 0.0}
-    for name, s in seconds.items():
+    for name, s in got["seconds"].items():
         if name in GEMM:
             parts["GEMMs"] += s
         elif ATTENTION in name:
@@ -188,17 +185,12 @@ def split(got: dict) -> dict:
         elif name.startswith(OPTIMIZER):
             parts["optimizer"] += s
     parts["other"] = max(got["profiled_s"] - sum(parts.values()), 0.0)
-    return {"parts": parts, "gemm_flops": gemm_flops}
+    return {"parts": parts}
 
 
 def _others(got: dict) -> list[tuple[str, float]]:
     """The operators outside the GEMMs, attention and the optimizer, by their self time, largest first."""
-    if got["how"] == "timer":
-        seconds = got["instrument"].seconds
-    else:
-        seconds = {e.key.removeprefix("aten::"): e.self_cpu_time_total / 1e6 for e in got["instrument"].key_averages()
-                   if e.key.startswith("aten::")}  # the profiler's ranges (steps, backward nodes) hold operators
-    return sorted(((n, s) for n, s in seconds.items()
+    return sorted(((n, s) for n, s in got["seconds"].items()
                    if n not in GEMM and ATTENTION not in n and not n.startswith(OPTIMIZER)), key=lambda x: -x[1])
 
 
