@@ -3,7 +3,9 @@
 Contract: `evaluate(config, models)` loads each model ('base' = the config's model; a folder such as a
 run's final/ or a checkpoint export; a hub id; a PEFT adapter folder) and returns
 {model: {metric: value}} with exactly the metric keys a training run logs (`valid/<source>/...`,
-`task/<task>/...`; `valid/<source>/kl_to_base` against the config's model when eval.kl_to_base).
+`task/<task>/...`; `valid/<source>/kl_to_base` against the config's model when eval.kl_to_base), computed
+as the run computes them: held-out data under the autocast of the config's train.precision (bf16 for a
+bf16 run, on the CPU too), tasks in float32 — so a run's step-0 and final evals are reproduced.
 `print_comparison` prints them side by side with deltas against the first model.
 """
 
@@ -20,6 +22,7 @@ from keepmix.errors import KeepmixError
 from keepmix.eval.lm import validation_metrics
 from keepmix.model import load_model, quiet_transformers
 from keepmix.training.forward import FrozenBase, LossModel
+from keepmix.training.precision import eval_autocast, slow_bf16_notice
 
 
 def _load(cfg: RunConfig, name: str):
@@ -46,9 +49,11 @@ def _load(cfg: RunConfig, name: str):
 
 
 def evaluate(config: RunConfig | str | Path, models: list[str], overrides: dict | None = None,
-             device: str | None = None) -> dict[str, dict[str, float]]:
+             device: str | None = None, say=print) -> dict[str, dict[str, float]]:
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"))
+    if notice := slow_bf16_notice(cfg.train.precision, device.type == "cuda"):
+        say(f"eval: {notice}")
     from keepmix.eval.tasks import check_tasks
     from keepmix.training.cpu_memory import keep_freed_memory_for_run
 
@@ -82,11 +87,12 @@ def model_metrics(cfg: RunConfig, model, tokenizer, *, base=None, generated: dic
     sources = prepare_sources(cfg, tokenizer, log=lambda _: None, generated=generated or {})
     # a model with another vocabulary has no next-token distribution comparable with the base's
     comparable = base is not None and model.get_output_embeddings().weight.shape == base.head.weight.shape
-    metrics = validation_metrics(LossModel(model, cfg.train.loss_impl, base if comparable else None),
-                                 [(s.name, s.valid) for s in sources],
-                                 seq_len=cfg.train.seq_len, batch_size=cfg.eval.batch_size,
-                                 pad_id=tokenizer.pad_token_id, device=device,
-                                 max_tokens=cfg.eval.max_valid_tokens, kl_to_base=comparable)
+    with eval_autocast(cfg.train.precision, device):  # as the run's prepared loss model scores them
+        metrics = validation_metrics(LossModel(model, cfg.train.loss_impl, base if comparable else None),
+                                     [(s.name, s.valid) for s in sources],
+                                     seq_len=cfg.train.seq_len, batch_size=cfg.eval.batch_size,
+                                     pad_id=tokenizer.pad_token_id, device=device,
+                                     max_tokens=cfg.eval.max_valid_tokens, kl_to_base=comparable)
     for task in cfg.eval.tasks:
         for key, value in run_task(task, model, tokenizer, base_dir=Path(cfg.base_dir), device=device,
                                    batch_size=cfg.eval.batch_size, sources=cfg.sources).items():

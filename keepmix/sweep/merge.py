@@ -3,7 +3,8 @@
 Contract of `merge_run(run_dir, alphas, ...)`: loads the run's resolved config (run_dir/config.yaml),
 its base model θ0 and its final/ model θ; for each α builds θ0 + α(θ − θ0) (torch.lerp; a LoRA run: the
 adapter with its update scaled by α) and evaluates it with the run's evals (keepmix.eval.runner's
-metrics: the same held-out data, tasks and keys as the run's eval records). Retention is against the
+metrics: the same held-out data, tasks and keys as the run's eval records, held-out data under the run's
+train.precision as its evals were). Retention is against the
 run's own step-0 baseline; α = 0 *is* the base model, so its metrics are that baseline, reused, unless
 `reuse_baseline=False`. Writes run_dir/merge.json ({points: [{alpha, metrics, retention, reused}]}, read by
 the run's report and a sweep's Pareto plot), prints the table, and with `write=ALPHA` saves that model as
@@ -64,6 +65,10 @@ def merge_run(run_dir: str | Path, alphas: list[float], *, write: float | None =
     cfg, final_dir, baseline = _run_parts(run_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"))
     keep_freed_memory_for_run(cfg, dev)
+    from keepmix.training.precision import slow_bf16_notice
+
+    if notice := slow_bf16_notice(cfg.train.precision, dev.type == "cuda"):
+        say(f"merge: {notice}")
     base_model, tokenizer = load_base(cfg)
     lora = (final_dir / "adapter_config.json").exists()
     final_model = None if lora else load_model(str(final_dir), trust_remote_code=cfg.model.trust_remote_code)[0]

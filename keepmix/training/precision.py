@@ -14,9 +14,11 @@ asking for it there says so when it starts.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-__all__ = ["cpu_multiplies_bf16", "mixed_precision", "slow_bf16_notice"]
+__all__ = ["cpu_multiplies_bf16", "eval_autocast", "mixed_precision", "slow_bf16_notice"]
 
 
 def cpu_multiplies_bf16() -> bool:
@@ -30,6 +32,15 @@ def mixed_precision(precision: str, cuda: bool) -> str:
     if precision == "bf16" or (precision == "auto" and cuda):
         return "bf16"
     return "no"
+
+
+def eval_autocast(precision: str, device: torch.device):
+    """The autocast a run of this precision scores its held-out data under on `device` (accelerate's for a
+    prepared model: bf16 where `mixed_precision` says so), so `keepmix eval` and `keepmix merge` measure a
+    model as the run's own evals did. Task evals run outside it, in float32, in both."""
+    if mixed_precision(precision, device.type == "cuda") == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def slow_bf16_notice(precision: str, cuda: bool) -> str | None:
