@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="run a config's evals on one or more models, side by side")
     e.add_argument("config", help="run YAML file (its sources' held-out docs and eval.tasks)")
-    e.add_argument("--model", action="append", help="model folder or hub id; 'base' = the config's model")
+    e.add_argument("--model", action="append",
+                   help="model folder, RUN/checkpoints/step-N, or hub id; 'base' = the config's model (repeatable)")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     e.add_argument("--out", help="also write the results as JSON here")
     e.set_defaults(func=cmd_eval)

@@ -101,6 +101,23 @@ def load_model(
     return model, tok
 
 
+def load_configured(cfg, *, lora: bool = True):
+    """The model and tokenizer a run of `cfg` (a RunConfig) starts from, built as the run builds it:
+    model.name (or model.architecture from scratch, seeded by train.seed), model.dtype and
+    model.attn_implementation, and with `lora` a fresh adapter where model.lora is set — so an eval of
+    the base computes what the run's step-0 eval computed."""
+    m = cfg.model
+    model, tokenizer = load_model(
+        cfg.resolve(m.name), gguf_file=m.gguf_file, tokenizer=cfg.resolve(m.tokenizer), init=m.init,
+        architecture=m.architecture, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+        attn_implementation=m.attn_implementation, seed=cfg.train.seed,
+    )
+    if lora and m.lora:
+        model = add_lora(model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                         target_modules=m.lora.target_modules)
+    return model, tokenizer
+
+
 def add_lora(model, *, r: int, alpha: float, dropout: float, target_modules):
     from peft import LoraConfig, get_peft_model
 

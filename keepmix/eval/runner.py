@@ -1,7 +1,7 @@
 """Standalone evaluation: the same held-out and task metrics as a run's evals, on any models.
 
 Contract: `evaluate(config, models)` loads each model ('base' = the config's model; a folder such as a
-run's final/ or a checkpoint export; a hub id; a PEFT adapter folder) and returns
+run's final/; a keepmix checkpoint, RUN/checkpoints/step-N; a hub id; a PEFT adapter folder) and returns
 {model: {metric: value}} with exactly the metric keys a training run logs (`valid/<source>/...`,
 `task/<task>/...`; `valid/<source>/kl_to_base` against the config's model when eval.kl_to_base), computed
 as the run computes them: held-out data under the autocast of the config's train.precision (bf16 for a
@@ -20,32 +20,72 @@ from keepmix.data.build import cache_root, prepare_sources
 from keepmix.data.rehearsal import generate_sources
 from keepmix.errors import KeepmixError
 from keepmix.eval.lm import validation_metrics
-from keepmix.model import load_model, quiet_transformers
+from keepmix.model import DTYPES, load_configured, load_model, load_trainable_state, quiet_transformers
 from keepmix.training.forward import FrozenBase, LossModel
 from keepmix.training.precision import eval_autocast, slow_bf16_notice
 
 
-def _load(cfg: RunConfig, name: str):
+def load(cfg: RunConfig, name: str):
+    """(model, tokenizer) for `--model NAME`, built as the config's run builds its model (model.dtype,
+    model.attn_implementation): 'base' = the config's model; a keepmix checkpoint folder
+    (RUN/checkpoints/step-N) = the model of that run at that step; a PEFT adapter folder; a Hugging
+    Face model folder (a run's final/, a merge-alpha-* folder) or hub id."""
     m = cfg.model
     if name == "base":
-        return load_model(cfg.resolve(m.name), gguf_file=m.gguf_file, tokenizer=cfg.resolve(m.tokenizer),
-                          init=m.init, architecture=m.architecture, trust_remote_code=m.trust_remote_code,
-                          seed=cfg.train.seed)
+        return load_configured(cfg, lora=False)
     path = Path(name)
     if (path / "metrics.jsonl").exists() and not (path / "config.json").exists():
         raise KeepmixError(f"--model {name}: is a run directory, not a model; use its final/ folder "
-                           f"({path / 'final'})")
+                           f"({path / 'final'}) or one of its checkpoints ({path / 'checkpoints'}/step-N)")
+    if (path / "state.json").exists() and (path / "rng.pt").exists():
+        return _load_checkpoint(path)
     if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name):
         raise KeepmixError(f"--model {name}: folder not found (expected a model folder, a run's final/, or a "
                            f"hub id such as HuggingFaceTB/SmolLM2-135M)")
+    if path.is_dir() and not any((path / f).exists() for f in ("config.json", "adapter_config.json")):
+        raise KeepmixError(f"--model {name}: this folder holds no model (no config.json, no adapter_config.json); "
+                           f"expected a Hugging Face model folder such as a run's final/, a PEFT adapter "
+                           f"folder, or a keepmix checkpoint (RUN/checkpoints/step-N)")
+    dtype = torch.float32 if m.dtype == "auto" else DTYPES[m.dtype]
+    attention = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
     if (path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
         from transformers import AutoTokenizer
 
         quiet_transformers()
-        model = AutoPeftModelForCausalLM.from_pretrained(path)
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, **attention)
         return model, AutoTokenizer.from_pretrained(path)
-    return load_model(name, trust_remote_code=m.trust_remote_code)
+    return load_model(name, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                      attn_implementation=m.attn_implementation)
+
+
+def _load_checkpoint(path: Path):
+    """A keepmix checkpoint as the model it holds: its run's model, built from the checkpoint's own config
+    (so from the model that run trained, whatever the eval config names), with the checkpoint's trained
+    weights (or LoRA adapter) loaded — verified against the manifest first."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from keepmix.config import parse_config
+    from keepmix.training import checkpoint as ckpt
+
+    if (path / ckpt.SHARDED).is_dir():
+        raise KeepmixError(f"--model {path}: a sharded (train.fsdp) checkpoint; evaluate the run's final/ (gathered "
+                           f"whole), or gather the shards first with torch.distributed.checkpoint.format_utils."
+                           f"dcp_to_torch_save")
+    problem = ckpt.verify_checkpoint(path)
+    if problem is not None:
+        raise KeepmixError(f"--model {path}: the checkpoint is incomplete or damaged ({problem})")
+    saved = path / "config.yaml"
+    if not saved.exists():
+        raise KeepmixError(f"--model {path}: the checkpoint has no config.yaml, so the model it trained is unknown")
+    run_cfg = parse_config(yaml.safe_load(saved.read_text()), source=str(saved), base_dir=path.parent.parent)
+    model, tokenizer = load_configured(run_cfg)
+    try:
+        load_trainable_state(model, load_file(path / "weights.safetensors"))
+    except KeepmixError as err:
+        raise KeepmixError(f"--model {path}: {err}") from None
+    return model, tokenizer
 
 
 def evaluate(config: RunConfig | str | Path, models: list[str], overrides: dict | None = None,
@@ -62,7 +102,7 @@ def evaluate(config: RunConfig | str | Path, models: list[str], overrides: dict 
     check_tasks(list(cfg.eval.tasks), Path(cfg.base_dir), cfg.sources)
     base, generated = None, {}
     if cfg.eval.kl_to_base or any(s.generate for s in cfg.sources):
-        base_model, base_tokenizer = _load(cfg, "base")
+        base_model, base_tokenizer = load(cfg, "base")
         base_model.to(device)
         # self-rehearsal documents are the base model's (from the cache when a run already wrote them)
         generated = generate_sources(cfg, base_model, base_tokenizer, cache_dir=cache_root(cfg), device=device,
@@ -71,7 +111,7 @@ def evaluate(config: RunConfig | str | Path, models: list[str], overrides: dict 
             base = FrozenBase(base_model, as_is=True, store=cache_root(cfg) / "base_hidden")
     results = {}
     for name in models:
-        model, tokenizer = _load(cfg, name)
+        model, tokenizer = load(cfg, name)
         results[name] = model_metrics(cfg, model, tokenizer, base=base, generated=generated, device=device)
         del model
     return results
@@ -127,4 +167,4 @@ def print_comparison(results: dict[str, dict[str, float]]) -> None:
 
 def load_base(cfg: RunConfig):
     """The config's model, untouched (model, tokenizer)."""
-    return _load(cfg, "base")
+    return load(cfg, "base")

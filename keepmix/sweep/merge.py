@@ -54,9 +54,9 @@ def merge_run(run_dir: str | Path, alphas: list[float], *, write: float | None =
               device: str | None = None, say=print) -> dict:
     from keepmix.data.build import cache_root
     from keepmix.eval.retention import compute_retention
-    from keepmix.eval.runner import load_base, model_metrics
+    from keepmix.eval.runner import load, load_base, model_metrics
     from keepmix.eval.tasks import task_tolerances
-    from keepmix.model import interpolate, load_model, save_final, with_scaled_adapter
+    from keepmix.model import interpolate, save_final, with_scaled_adapter
     from keepmix.training.forward import FrozenBase
 
     run_dir = Path(run_dir).resolve()
@@ -71,7 +71,7 @@ def merge_run(run_dir: str | Path, alphas: list[float], *, write: float | None =
         say(f"merge: {notice}")
     base_model, tokenizer = load_base(cfg)
     lora = (final_dir / "adapter_config.json").exists()
-    final_model = None if lora else load_model(str(final_dir), trust_remote_code=cfg.model.trust_remote_code)[0]
+    final_model = None if lora else load(cfg, str(final_dir))[0]  # as the run built its model: dtype, attention
     frozen = (FrozenBase(load_base(cfg)[0], as_is=True, store=cache_root(cfg) / "base_hidden").to(dev)
               if cfg.eval.kl_to_base else None)
     generated = {}

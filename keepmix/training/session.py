@@ -28,7 +28,7 @@ import yaml
 
 from keepmix.config import RunConfig, changed_keys, config_to_dict, dump_config
 from keepmix.errors import KeepmixError
-from keepmix.model import add_lora, load_model, load_trainable_state, save_final, trainable_state
+from keepmix.model import load_configured, load_trainable_state, save_final, trainable_state
 from keepmix.training.cpu_memory import heap_guard_for_run, keep_freed_memory_for_run
 from keepmix.training.precision import mixed_precision, slow_bf16_notice
 from keepmix.training import checkpoint as ckpt
@@ -122,16 +122,7 @@ class Session:
         self._tasks = list(cfg.eval.tasks)
 
     def _load_model(self):
-        m, cfg = self.cfg.model, self.cfg
-        model, tokenizer = load_model(
-            cfg.resolve(m.name), gguf_file=m.gguf_file, tokenizer=cfg.resolve(m.tokenizer), init=m.init,
-            architecture=m.architecture, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-            attn_implementation=m.attn_implementation, seed=cfg.train.seed,
-        )
-        if m.lora:
-            model = add_lora(model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
-                             target_modules=m.lora.target_modules)
-        return model, tokenizer
+        return load_configured(self.cfg)
 
     def generated_sources(self) -> dict[str, str]:
         """The files of the self-rehearsal sources, written by the base model (the main process) before

@@ -9,18 +9,22 @@ from keepmix.training.loop import train
 from tests.conftest import train_records
 
 
-@pytest.mark.parametrize("precision", ["auto", "bf16"])
-def test_eval_matches_the_runs_own_evals(make_run, capsys, monkeypatch, precision):
-    # a bf16 run's held-out evals ran under bf16 autocast: keepmix eval scores them under it too
-    config = make_run(train={"steps": 4, "checkpoint_every": 4, "precision": precision},
-                      eval={"every": None, "kl_to_base": True})
+# the model as the run builds it: a bf16 run's held-out evals ran under bf16 autocast, a model.dtype run's in
+# that dtype with the attention it names — keepmix eval computes each the same way
+@pytest.mark.parametrize("setting", [{"train": {"precision": "auto"}}, {"train": {"precision": "bf16"}},
+                                     {"model": {"dtype": "bfloat16", "attn_implementation": "eager"}}],
+                         ids=["auto", "bf16-autocast", "bf16-weights"])
+def test_eval_matches_the_runs_own_evals(make_run, capsys, monkeypatch, setting):
+    config = make_run(train={"steps": 4, "checkpoint_every": 4, **setting.get("train", {})},
+                      eval={"every": None, "kl_to_base": True}, **({"model": setting["model"]} if "model" in setting else {}))
     train(config, progress="quiet")
     run_dir = config.parent / "out"
     monkeypatch.setattr("keepmix.training.precision.cpu_multiplies_bf16", lambda: False)
     said = []
     results = evaluate(config, models=["base", str(run_dir / "final")], say=said.append)
     # on a CPU that only emulates bf16, a bf16 config's eval says why it is slow
-    assert any("AMX or AVX512-BF16" in line for line in said) == (precision == "bf16")
+    autocast = setting.get("train", {}).get("precision") == "bf16"
+    assert any("AMX or AVX512-BF16" in line for line in said) == autocast
     evals = train_records(run_dir, "eval")
     for key, value in evals[0]["metrics"].items():  # step 0 = the base model
         assert results["base"][key] == pytest.approx(value, rel=1e-5), key
@@ -29,6 +33,50 @@ def test_eval_matches_the_runs_own_evals(make_run, capsys, monkeypatch, precisio
     print_comparison(results)
     out = capsys.readouterr().out
     assert "valid/general/token_acc" in out and "(Δ)" in out
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_checkpoint_evaluates_as_the_run_did_at_its_step(make_run, lora):
+    # --model RUN/checkpoints/step-N: the run's model (from the checkpoint's own config) with that step's weights
+    config = make_run(train={"steps": 4, "checkpoint_every": 2, **({"lr": 3e-2} if lora else {})},
+                      eval={"every": 2}, **({"model": {"lora": {"r": 4, "alpha": 8}}} if lora else {}))
+    train(config, progress="quiet")
+    run_dir = config.parent / "out"
+    steps = {r["step"]: r["metrics"] for r in train_records(run_dir, "eval")}
+    folders = {step: str(run_dir / "checkpoints" / f"step-{step:08d}") for step in (2, 4)}
+    results = evaluate(config, models=list(folders.values()))
+    for step, folder in folders.items():
+        assert results[folder].keys() == steps[step].keys()
+        for key, value in steps[step].items():
+            assert results[folder][key] == pytest.approx(value, rel=1e-5), (step, key)
+    assert results[folders[2]] != results[folders[4]]
+
+
+def test_a_folder_that_holds_no_model_or_a_damaged_checkpoint_is_named(make_run):
+    import shutil
+
+    from keepmix.errors import KeepmixError
+
+    config = make_run(train={"steps": 2, "checkpoint_every": 2}, eval={"every": None})
+    train(config, progress="quiet")
+    checkpoint = config.parent / "out" / "checkpoints" / "step-00000002"
+    with pytest.raises(KeepmixError, match=r"holds no model \(no config.json"):
+        evaluate(config, models=[str(config.parent)])  # the data folder
+    with pytest.raises(KeepmixError, match="is a run directory.*checkpoints"):
+        evaluate(config, models=[str(config.parent / "out")])
+    damaged = config.parent / "damaged"
+    shutil.copytree(checkpoint, damaged)
+    with open(damaged / "weights.safetensors", "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\0" * 8)
+    with pytest.raises(KeepmixError, match=r"damaged \(weights.safetensors does not match its checksum"):
+        evaluate(config, models=[str(damaged)])
+    (damaged / "COMPLETE").unlink()
+    with pytest.raises(KeepmixError, match="incomplete or damaged .no COMPLETE marker"):
+        evaluate(config, models=[str(damaged)])
+    (damaged / "sharded").mkdir()
+    with pytest.raises(KeepmixError, match=r"sharded \(train.fsdp\) checkpoint"):
+        evaluate(config, models=[str(damaged)])
 
 
 def test_eval_out_makes_its_folder_and_writes_the_results(make_run, capsys):

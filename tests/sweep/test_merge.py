@@ -15,12 +15,15 @@ def _close(a: dict, b: dict, tol: float = 1e-6) -> bool:
     return set(a) == set(b) and all(abs(a[k] - b[k]) <= tol * max(1.0, abs(b[k])) for k in a)
 
 
-@pytest.mark.parametrize("lora, precision", [(False, "auto"), (True, "auto"), (False, "bf16")])
-def test_alpha_zero_is_the_base_and_alpha_one_the_final_model(make_run, lora, precision):
-    # precision bf16: the run's evals ran under bf16 autocast, so merge's α = 0 and 1 reproduce them only under it
-    updates = {"train": {"steps": 4, "checkpoint_every": 4, "precision": precision}, "eval": {"every": None}}
+@pytest.mark.parametrize("lora, precision, dtype", [(False, "auto", "auto"), (True, "auto", "auto"),
+                                                    (False, "bf16", "auto"), (False, "auto", "bfloat16")])
+def test_alpha_zero_is_the_base_and_alpha_one_the_final_model(make_run, lora, precision, dtype):
+    # the run's evals ran under bf16 autocast (precision bf16) or on bf16 weights (model.dtype): merge's
+    # α = 0 and 1 reproduce them only when it builds and scores its models the same way
+    updates = {"train": {"steps": 4, "checkpoint_every": 4, "precision": precision}, "eval": {"every": None},
+               "model": {"dtype": dtype}}
     if lora:
-        updates["model"] = {"lora": {"r": 4, "alpha": 8}}
+        updates["model"]["lora"] = {"r": 4, "alpha": 8}
         updates["train"]["lr"] = 3e-2
     run = make_run("m", **updates)
     train(run, progress="quiet")
