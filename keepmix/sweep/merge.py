@@ -55,7 +55,7 @@ def merge_run(run_dir: str | Path, alphas: list[float], *, write: float | None =
     from keepmix.data.build import cache_root
     from keepmix.eval.retention import compute_retention
     from keepmix.eval.runner import load, load_base, model_metrics
-    from keepmix.eval.tasks import task_tolerances
+    from keepmix.eval.tasks import task_directions, task_tolerances
     from keepmix.model import interpolate, save_final, with_scaled_adapter
     from keepmix.training.forward import FrozenBase
 
@@ -81,6 +81,8 @@ def merge_run(run_dir: str | Path, alphas: list[float], *, write: float | None =
         generated = generate_sources(cfg, base_model, tokenizer, cache_dir=cache_root(cfg), device=dev,
                                      log=lambda _: None)
     tolerances = task_tolerances(list(cfg.eval.tasks))
+    # an lm_eval task's metrics go the way the harness says (bits_per_byte: lower is better), as in the run
+    directions = task_directions(list(cfg.eval.tasks), Path(cfg.base_dir))
     points = []
     for alpha in alphas:
         if alpha == 0 and reuse_baseline:
@@ -96,7 +98,8 @@ def merge_run(run_dir: str | Path, alphas: list[float], *, write: float | None =
             del model
         say(f"merge: α={alpha:g} evaluated{' (the baseline, reused)' if reused else ''}")
         points.append({"alpha": alpha, "reused": reused, "metrics": metrics,
-                       "retention": compute_retention(baseline, metrics, cfg.eval.retention_tolerance, tolerances)})
+                       "retention": compute_retention(baseline, metrics, cfg.eval.retention_tolerance, tolerances,
+                                                      directions)})
     data = {"run_dir": str(run_dir), "lora": lora, "baseline": baseline, "points": points}
     (run_dir / "merge.json").write_text(json.dumps(data, indent=1) + "\n")
     print(table(data), flush=True)

@@ -266,6 +266,12 @@ def test_in_a_lora_run_and_in_keepmix_eval(make_run):
     assert {k: table["base"][k] for k in harness_keys} == {k: evals[0]["metrics"][k] for k in harness_keys}
     for key in harness_keys:
         assert table[str(result.final_dir)][key] == pytest.approx(evals[-1]["metrics"][key], rel=1e-5, abs=1e-6)
+    # keepmix merge's retention takes the harness's directions too (perplexity-like: lower is better)
+    from keepmix.sweep.merge import merge_run
+
+    merged = merge_run(folder / "out", [1.0])["points"][0]["retention"]
+    assert merged[bpb]["higher_is_better"] is False and merged["task/probe/local_mc/acc"]["higher_is_better"] is True
+    assert merged[bpb]["flagged"] == row["flagged"]
 
 
 @pytest.mark.slow
