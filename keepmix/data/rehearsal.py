@@ -33,13 +33,30 @@ VERSION = 1
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of every weight (names, shapes, dtypes and bytes): which model writes the documents."""
+    """A hash of every weight (names, shapes, dtypes and bytes): which model writes the documents.
+
+    A PEFT model whose LoRA updates are all still zero (a LoRA run's model before its first step, when it
+    writes its documents) computes its base's function to the bit — the adapter adds exactly 0 — so it is
+    hashed as its base model: the run, and `keepmix eval`/`merge` with the config's plain base model, then
+    share one file instead of each sampling the same documents again."""
     digest = xxhash.xxh3_128()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(_function_state(model).items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def _function_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state that decides the model's outputs: a fresh adapter's model as its base's names and weights."""
+    state = model.state_dict()
+    if not hasattr(model, "get_base_model"):
+        return state
+    updates = [t for name, t in state.items() if "lora_B" in name or "lora_embedding_B" in name]
+    if any(t.any() for t in updates):
+        return state
+    return {name.replace(".base_layer.", "."): t for name, t in model.get_base_model().state_dict().items()
+            if "lora_" not in name}
 
 
 def _prompt_texts(cfg: RunConfig, index: int) -> list[str] | None:

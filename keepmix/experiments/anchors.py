@@ -163,14 +163,14 @@ def _time_generation(cfg_data: dict, out: Path) -> dict:
     """Write the self-rehearsal documents ahead of the arm (it then reads them from the cache), timed."""
     from keepmix.data.build import cache_root
     from keepmix.data.rehearsal import generate_sources
-    from keepmix.model import load_model
+    from keepmix.model import load_configured
 
     cfg = parse_config(cfg_data, source="anchors experiment (keepmix_self)", base_dir=out)
     g = next(src.generate for src in cfg.sources if src.generate)
     saved = out / "generation.json"
     if (out / "keepmix_self" / "metrics.jsonl").exists() and saved.exists():
         return json.loads(saved.read_text())  # the arm is reused: its documents were timed when written
-    model, tokenizer = load_model(cfg.resolve(cfg.model.name))
+    model, tokenizer = load_configured(cfg)  # the arm's own model, so the arm reads these documents back
     clock = time.perf_counter()
     generate_sources(cfg, model, tokenizer, cache_dir=cache_root(cfg), device="cpu", log=print)
     seconds = time.perf_counter() - clock

@@ -211,3 +211,43 @@ def test_self_rehearsal_documents_are_deterministic_cached_and_trained_on(make_r
                            mixture=mixture, output="out4", train={"steps": 4, "checkpoint_every": 4}), progress="quiet")
     others = sorted(set((first.parent / "cache" / "generated").glob("self-*.jsonl")) - {files[0]})
     assert len(others) == 1 and others[0].read_bytes() != text
+
+
+
+def test_a_lora_run_writes_its_base_models_documents_and_eval_reads_them_back(make_run):
+    """A fresh adapter adds exactly 0, so a LoRA run's documents are its base model's: a plain run's file
+    serves it, it writes the same bytes itself, and keepmix eval of the base reads them instead of sampling."""
+    from keepmix.config import load_config
+    from keepmix.data.rehearsal import model_fingerprint
+    from keepmix.eval.runner import evaluate
+    from keepmix.model import load_configured
+
+    gen = {"n_docs": 12, "max_new_tokens": 12, "batch_size": 5, "temperature": 1.0}
+    sources = [{"name": "self", "generate": gen, "valid_docs": 3},
+               {"name": "qa", "path": "qa.jsonl", "format": "prompt_completion", "loss_on": "completion",
+                "valid_docs": 10}]
+    run = {"sources": sources, "mixture": {"schedule": [{"at": 0.0, "weights": {"self": 0.5, "qa": 0.5}}],
+                                           "floor": 0.1}, "train": {"steps": 4, "checkpoint_every": 4}}
+    lora = {"lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}}
+    keepmix.train(make_run("same", **run), progress="quiet")
+    folder = make_run("same", **run, model=lora, output="lora").parent
+    files = sorted((folder / "cache" / "generated").glob("self-*.jsonl"))
+    assert len(files) == 1
+    text, mtime = files[0].read_bytes(), files[0].stat().st_mtime_ns
+    keepmix.train(folder / "run.yaml", progress="quiet")  # the LoRA run reads the plain run's file
+    assert files[0].stat().st_mtime_ns == mtime
+    files[0].unlink()
+    keepmix.train(make_run("same", **run, model=lora, output="lora2"), progress="quiet")
+    assert sorted((folder / "cache" / "generated").glob("self-*.jsonl")) == files
+    assert files[0].read_bytes() == text  # sampled by the LoRA model: the very same documents
+    mtime = files[0].stat().st_mtime_ns
+    evaluate(folder / "run.yaml", ["base"])
+    assert sorted((folder / "cache" / "generated").glob("self-*.jsonl")) == files
+    assert files[0].stat().st_mtime_ns == mtime
+    # the fingerprint: a fresh adapter's model is its base; one that has learned something is another model
+    cfg = load_config(folder / "run.yaml")
+    adapted, plain = load_configured(cfg)[0], load_configured(cfg, lora=False)[0]
+    assert model_fingerprint(adapted) == model_fingerprint(plain)
+    with torch.no_grad():
+        next(p for name, p in adapted.named_parameters() if "lora_B" in name).add_(1e-3)
+    assert model_fingerprint(adapted) != model_fingerprint(plain)
