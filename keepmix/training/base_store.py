@@ -3,7 +3,8 @@
 Contract: `BaseHiddenStore(folder, trunk)` loads or saves the final hidden states of a batch of rows (named
 by `rows_key`) under a key that names everything they are a function of: the base's weights (a digest of every parameter and
 buffer the trunk uses, its names, shapes and dtypes, taken once on first use), its class and attention
-implementation, the device kind, the number of CPU threads (a matmul's summation order depends on it),
+implementation (a LoRA model's base, the adapter off, digests as the plain model: its frozen weights under
+the plain names), the device kind, the number of CPU threads (a matmul's summation order depends on it),
 whether autocast is on for that device and in which dtype (a bf16 run's base is another computation than
 a float32 run's), torch's version, and the rows' token and position ids. So a file is only ever read by a computation that
 would have produced the same bits: the arms of a demo, a sweep or a merge evaluate their base once between
@@ -77,6 +78,9 @@ class BaseHiddenStore:
             for name, tensor in tensors:
                 if self._frozen_only and tensor.requires_grad:
                     continue
+                # a LoRA model with its adapter off computes its base model's function to the bit: named as
+                # the plain model is (PEFT moves each wrapped weight under `base_layer`), they share files
+                name = name.replace(".base_layer.", ".")
                 digest.update(repr((name, tuple(tensor.shape), str(tensor.dtype))).encode())
                 digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy())  # no copy on a CPU
             self._weights = digest.hexdigest()

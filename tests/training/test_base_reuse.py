@@ -75,3 +75,28 @@ def test_runs_of_the_same_base_share_its_hidden_states_on_disk(make_run, monkeyp
     assert final_shared == final_alone  # bit for bit, KL included
     assert final_shared["valid/general/kl_to_base"] > 0.01
     assert sorted((first.parent / "cache" / "base_hidden").glob("*.safetensors")) == written  # nothing new
+
+
+def test_a_lora_runs_base_states_serve_keepmix_eval_of_its_base_model(make_run, monkeypatch):
+    """A LoRA run's base is its model with the adapter off — the plain base model's computation, which
+    keepmix eval and merge load — so they read the states the run wrote instead of running the base (KL 0
+    to the bit for the base model itself)."""
+    from keepmix.eval.runner import evaluate
+
+    config = make_run(model={"lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}},
+                      train={"steps": 4, "checkpoint_every": None, "lr": 3e-2}, eval={"every": None, "kl_to_base": True})
+    keepmix.train(config, progress="quiet")
+    store = config.parent / "cache" / "base_hidden"
+    written = sorted(store.glob("*.safetensors"))
+    assert written
+    calls = []
+    init = forward.FrozenBase.__init__
+
+    def counted(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.trunk.register_forward_hook(lambda *_: calls.append(1))
+
+    monkeypatch.setattr(forward.FrozenBase, "__init__", counted)
+    results = evaluate(config, ["base"])
+    assert calls == [] and sorted(store.glob("*.safetensors")) == written  # read, not computed again
+    assert results["base"]["valid/general/kl_to_base"] == 0.0 and results["base"]["valid/qa/kl_to_base"] == 0.0
