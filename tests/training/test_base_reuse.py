@@ -8,17 +8,24 @@ import keepmix.training.forward as forward
 from keepmix.training.session import Session
 from tests.conftest import train_records
 
+_INIT = forward.FrozenBase.__init__
 
-def test_evals_reuse_the_base_and_report_the_same_numbers(make_run, monkeypatch):
-    settings = {"train": {"steps": 6, "checkpoint_every": None, "lr": 1e-2}, "eval": {"every": 3, "kl_to_base": True}}
-    calls = []  # forward passes of the frozen base's trunk
-    init = forward.FrozenBase.__init__
+
+def count_base_passes(monkeypatch) -> list:
+    """A list that gets one entry per forward pass of any FrozenBase's trunk made from now on."""
+    calls = []
 
     def counted(self, *args, **kwargs):
-        init(self, *args, **kwargs)
+        _INIT(self, *args, **kwargs)
         self.trunk.register_forward_hook(lambda *_: calls.append(1))
 
     monkeypatch.setattr(forward.FrozenBase, "__init__", counted)
+    return calls
+
+
+def test_evals_reuse_the_base_and_report_the_same_numbers(make_run, monkeypatch):
+    settings = {"train": {"steps": 6, "checkpoint_every": None, "lr": 1e-2}, "eval": {"every": 3, "kl_to_base": True}}
+    calls = count_base_passes(monkeypatch)
     reused = keepmix.train(make_run("reused", **settings), progress="quiet")
     computed_in_reused_run = len(calls)
 
@@ -58,16 +65,8 @@ def test_runs_of_the_same_base_share_its_hidden_states_on_disk(make_run, monkeyp
     for name, cache in (("shared", "cache"), ("alone", "cache_alone")):
         path = first.parent / f"{name}.yaml"
         path.write_text(yaml.safe_dump({**config, "output": name, "cache_dir": cache}))
-        calls = []
-        init = forward.FrozenBase.__init__
-
-        def counted(self, *args, **kwargs):
-            init(self, *args, **kwargs)
-            self.trunk.register_forward_hook(lambda *_: calls.append(1))
-
-        monkeypatch.setattr(forward.FrozenBase, "__init__", counted)
+        calls = count_base_passes(monkeypatch)
         runs[name] = (keepmix.train(path, progress="quiet"), len(calls))
-        monkeypatch.setattr(forward.FrozenBase, "__init__", init)
     (shared, shared_calls), (alone, alone_calls) = runs["shared"], runs["alone"]
     assert shared_calls == 0 and alone_calls > 0  # the base ran only where nothing was on disk
     final_shared = train_records(shared.run_dir, "eval")[-1]["metrics"]
@@ -89,14 +88,7 @@ def test_a_lora_runs_base_states_serve_keepmix_eval_of_its_base_model(make_run, 
     store = config.parent / "cache" / "base_hidden"
     written = sorted(store.glob("*.safetensors"))
     assert written
-    calls = []
-    init = forward.FrozenBase.__init__
-
-    def counted(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.trunk.register_forward_hook(lambda *_: calls.append(1))
-
-    monkeypatch.setattr(forward.FrozenBase, "__init__", counted)
+    calls = count_base_passes(monkeypatch)
     results = evaluate(config, ["base"])
     assert calls == [] and sorted(store.glob("*.safetensors")) == written  # read, not computed again
     assert results["base"]["valid/general/kl_to_base"] == 0.0 and results["base"]["valid/qa/kl_to_base"] == 0.0
