@@ -98,6 +98,8 @@ def evaluate(config: RunConfig | str | Path, models: list[str], overrides: dict 
     from keepmix.training.cpu_memory import keep_freed_memory_for_run
 
     keep_freed_memory_for_run(cfg, device)
+    if cfg.train.threads:  # the run's thread count: its summation order, and the key of its base's stored states
+        torch.set_num_threads(cfg.train.threads)
 
     check_tasks(list(cfg.eval.tasks), Path(cfg.base_dir), cfg.sources)
     base, generated = None, {}

@@ -65,6 +65,8 @@ def merge_run(run_dir: str | Path, alphas: list[float], *, write: float | None =
     cfg, final_dir, baseline = _run_parts(run_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"))
     keep_freed_memory_for_run(cfg, dev)
+    if cfg.train.threads:  # the run's thread count: its summation order, and the key of its base's stored states
+        torch.set_num_threads(cfg.train.threads)
     from keepmix.training.precision import slow_bf16_notice
 
     if notice := slow_bf16_notice(cfg.train.precision, dev.type == "cuda"):

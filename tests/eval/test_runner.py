@@ -89,3 +89,24 @@ def test_eval_out_makes_its_folder_and_writes_the_results(make_run, capsys):
     assert main(["eval", str(config), "--out", str(out)]) == 0
     assert f"written: {out}" in capsys.readouterr().out
     assert "valid/general/loss" in json.loads(out.read_text())["base"]
+
+
+def test_eval_runs_on_the_configs_threads_and_reads_the_runs_base_states(make_run, monkeypatch):
+    # a new process starts on torch's own thread count; the run's (train.threads: 1 here) decides the
+    # summation order and keys the base's stored hidden states
+    import torch
+
+    from tests.training.test_base_reuse import count_base_passes
+
+    config = make_run(train={"steps": 2, "checkpoint_every": None}, eval={"every": None, "kl_to_base": True})
+    train(config, progress="quiet")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        calls = count_base_passes(monkeypatch)
+        results = evaluate(config, models=["base"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert calls == []  # the run's base states were read, not computed on another thread count
+    assert results["base"] == train_records(config.parent / "out", "eval")[0]["metrics"]  # to the bit
