@@ -49,14 +49,36 @@ def load(cfg: RunConfig, name: str):
     dtype = torch.float32 if m.dtype == "auto" else DTYPES[m.dtype]
     attention = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
     if (path / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
-        from transformers import AutoTokenizer
-
-        quiet_transformers()
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, **attention)
-        return model, AutoTokenizer.from_pretrained(path)
+        return _load_adapter(cfg, path, dtype, attention)
     return load_model(name, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                       attn_implementation=m.attn_implementation)
+
+
+def _load_adapter(cfg: RunConfig, path: Path, dtype: torch.dtype, attention: dict):
+    """A PEFT adapter folder on its base model: the config's own base (built as the run builds it: a
+    from-scratch architecture, a GGUF file) when the adapter was trained on it — a run's final/ records
+    that base's folder, or none for a scratch model — else the base the adapter names, loaded by PEFT."""
+    import json
+
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoTokenizer
+
+    try:
+        named = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as err:
+        raise KeepmixError(f"--model {path}: adapter_config.json is unreadable ({err})") from None
+    quiet_transformers()
+    if named in (None, cfg.model.name, cfg.resolve(cfg.model.name)):
+        base, tokenizer = load_configured(cfg, lora=False)
+        return PeftModel.from_pretrained(base, str(path)), tokenizer
+    try:
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, **attention)
+    except (OSError, ValueError) as err:
+        ours = repr(cfg.model.name) if cfg.model.name else "model.architecture, from scratch"
+        raise KeepmixError(f"--model {path}: could not load the adapter's base model {named!r} "
+                           f"(adapter_config.json's base_model_name_or_path; the config's model is {ours}): "
+                           f"{err}") from None
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 def _load_checkpoint(path: Path):

@@ -10,10 +10,12 @@ from tests.conftest import train_records
 
 
 # the model as the run builds it: a bf16 run's held-out evals ran under bf16 autocast, a model.dtype run's in
-# that dtype with the attention it names — keepmix eval computes each the same way
+# that dtype with the attention it names, a LoRA run's final/ is an adapter on the config's (here
+# from-scratch) base — keepmix eval computes each the same way
 @pytest.mark.parametrize("setting", [{"train": {"precision": "auto"}}, {"train": {"precision": "bf16"}},
-                                     {"model": {"dtype": "bfloat16", "attn_implementation": "eager"}}],
-                         ids=["auto", "bf16-autocast", "bf16-weights"])
+                                     {"model": {"dtype": "bfloat16", "attn_implementation": "eager"}},
+                                     {"model": {"lora": {"r": 4, "alpha": 8}}, "train": {"lr": 3e-2}}],
+                         ids=["auto", "bf16-autocast", "bf16-weights", "lora-adapter"])
 def test_eval_matches_the_runs_own_evals(make_run, capsys, monkeypatch, setting):
     config = make_run(train={"steps": 4, "checkpoint_every": 4, **setting.get("train", {})},
                       eval={"every": None, "kl_to_base": True}, **({"model": setting["model"]} if "model" in setting else {}))
@@ -53,13 +55,22 @@ def test_a_checkpoint_evaluates_as_the_run_did_at_its_step(make_run, lora):
 
 
 def test_a_folder_that_holds_no_model_or_a_damaged_checkpoint_is_named(make_run):
+    import json
     import shutil
 
     from keepmix.errors import KeepmixError
 
-    config = make_run(train={"steps": 2, "checkpoint_every": 2}, eval={"every": None})
+    config = make_run(train={"steps": 2, "checkpoint_every": 2}, eval={"every": None},
+                      model={"lora": {"r": 4, "alpha": 8}})
     train(config, progress="quiet")
     checkpoint = config.parent / "out" / "checkpoints" / "step-00000002"
+    # an adapter trained on another base, which cannot be loaded: named, with the config's own
+    adapter = config.parent / "other_adapter"
+    shutil.copytree(config.parent / "out" / "final", adapter)
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**settings, "base_model_name_or_path": "/gone/base"}))
+    with pytest.raises(KeepmixError, match=r"could not load the adapter's base model '/gone/base'.*from scratch"):
+        evaluate(config, models=[str(adapter)])
     with pytest.raises(KeepmixError, match=r"holds no model \(no config.json"):
         evaluate(config, models=[str(config.parent)])  # the data folder
     with pytest.raises(KeepmixError, match="is a run directory.*checkpoints"):
