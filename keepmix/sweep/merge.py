@@ -6,7 +6,7 @@ adapter with its update scaled by α) and evaluates it with the run's evals (kee
 metrics: the same held-out data, tasks and keys as the run's eval records, held-out data under the run's
 train.precision as its evals were). Retention is against the
 run's own step-0 baseline; α = 0 *is* the base model, so its metrics are that baseline, reused, unless
-`reuse_baseline=False`. Writes run_dir/merge.json ({points: [{alpha, metrics, retention, reused}]}, read by
+`reuse_baseline=False` or the baseline scored something else (a warm start's checkpoint). Writes run_dir/merge.json ({points: [{alpha, metrics, retention, reused}]}, read by
 the run's report and a sweep's Pareto plot), prints the table, and with `write=ALPHA` saves that model as
 a Hugging Face folder run_dir/merge-alpha-<ALPHA> (a LoRA adapter merged in). Returns the merge.json data.
 """
@@ -47,7 +47,26 @@ def _run_parts(run_dir: Path):
     base = next((r for r in evals(read_metrics(run_dir / "metrics.jsonl")) if r["step"] == 0), None)
     if base is None:
         raise KeepmixError(f"{run_dir}/metrics.jsonl has no step-0 (baseline) eval record")
-    return cfg, final, base["metrics"]
+    return cfg, final, base["metrics"], _baseline_is_the_base(run_dir)
+
+
+def _baseline_is_the_base(run_dir: Path, depth: int = 0) -> bool:
+    """Whether the run's step-0 eval scored its base model (model.name), so α = 0 may reuse it. A warm
+    start (train.init_from) scores its starting checkpoint at step 0 instead, unless its baseline came
+    from a run (eval.baseline_from) whose own step 0 was the base — what a sweep's branches do."""
+    from keepmix.report.metrics import evals, of_kind, read_metrics
+
+    try:
+        records = read_metrics(run_dir / "metrics.jsonl")
+    except (OSError, KeepmixError):
+        return False
+    step0 = next((r for r in evals(records) if r["step"] == 0), None)
+    if step0 is None:
+        return False
+    if step0.get("baseline_from"):
+        return depth < 8 and _baseline_is_the_base(Path(step0["baseline_from"]), depth + 1)
+    start = next(iter(of_kind(records, "start")), None)
+    return start is not None and not start.get("init_from")
 
 
 def merge_run(run_dir: str | Path, alphas: list[float], *, write: float | None = None, reuse_baseline: bool = True,
@@ -62,7 +81,11 @@ def merge_run(run_dir: str | Path, alphas: list[float], *, write: float | None =
     run_dir = Path(run_dir).resolve()
     if write is not None and write not in alphas:
         alphas = [*alphas, write]
-    cfg, final_dir, baseline = _run_parts(run_dir)
+    cfg, final_dir, baseline, baseline_is_base = _run_parts(run_dir)
+    if reuse_baseline and not baseline_is_base:
+        say("merge: the run's step-0 baseline scored its warm start (train.init_from), not the base model; "
+            "α = 0 is evaluated, and retention stays against that baseline, as in the run's own evals")
+        reuse_baseline = False
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"))
     keep_freed_memory_for_run(cfg, dev)
     if cfg.train.threads:  # the run's thread count: its summation order, and the key of its base's stored states

@@ -55,3 +55,20 @@ def test_merge_needs_a_completed_run_and_numbers(tmp_path):
         merge_run(tmp_path, [0.5])
     with pytest.raises(KeepmixError, match="expected numbers separated by commas"):
         parse_alphas("0,half")
+
+
+def test_a_warm_started_run_evaluates_alpha_zero_instead_of_reusing_its_baseline(make_run):
+    # train.init_from: the step-0 eval scored the starting checkpoint, while α = 0 is the base model
+    first = make_run("first", train={"steps": 4, "checkpoint_every": 4}, eval={"every": 4})
+    train(first, progress="quiet")
+    warm = make_run("warm", train={"steps": 2, "checkpoint_every": None,
+                                   "init_from": {"run": str(first.parent / "out"), "step": 4}}, eval={"every": None})
+    train(warm, progress="quiet")
+    said = []
+    point = merge_run(warm.parent / "out", [0], say=said.append)["points"][0]
+    base, baseline = train_records(first.parent / "out", "eval")[0], train_records(warm.parent / "out", "eval")[0]
+    assert not point["reused"] and any("warm start" in line for line in said)
+    assert _close(point["metrics"], base["metrics"], tol=1e-5)  # the base model's numbers ...
+    assert not _close(point["metrics"], baseline["metrics"], tol=1e-3)  # ... not the warm start's
+    delta = point["retention"]["valid/general/loss"]
+    assert delta["baseline"] == baseline["metrics"]["valid/general/loss"]  # retention: against the run's baseline
