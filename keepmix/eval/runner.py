@@ -4,8 +4,9 @@ Contract: `evaluate(config, models)` loads each model ('base' = the config's mod
 run's final/; a keepmix checkpoint, RUN/checkpoints/step-N; a hub id; a PEFT adapter folder) and returns
 {model: {metric: value}} with exactly the metric keys a training run logs (`valid/<source>/...`,
 `task/<task>/...`; `valid/<source>/kl_to_base` against the config's model when eval.kl_to_base), computed
-as the run computes them: held-out data under the autocast of the config's train.precision (bf16 for a
-bf16 run, on the CPU too), tasks in float32 — so a run's step-0 and final evals are reproduced.
+as the run computes them: on its train.threads, each model built in its model.dtype with its attention
+(`load`), held-out data under the autocast of its train.precision (bf16 for a bf16 run, on the CPU too),
+tasks in float32 — so a run's step-0, checkpoint and final evals are reproduced to the bit.
 `print_comparison` prints them side by side with deltas against the first model.
 """
 
