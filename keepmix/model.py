@@ -37,6 +37,17 @@ def quiet_transformers() -> None:
         gguf_utils.tqdm = functools.partial(bar, disable=True)
 
 
+def weight_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of model.dtype: "auto" keeps float32 master weights everywhere (on GPUs bf16 comes
+    from autocast)."""
+    return torch.float32 if dtype == "auto" else DTYPES[dtype]
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name in the plain model: PEFT moves each weight it wraps with LoRA under `base_layer`."""
+    return name.replace(".base_layer.", ".")
+
+
 def load_tokenizer(name: str, *, gguf_file: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -65,8 +76,7 @@ def load_model(
 
     quiet_transformers()
 
-    # "auto" keeps float32 master weights everywhere; on GPUs bf16 comes from autocast.
-    torch_dtype = torch.float32 if dtype == "auto" else DTYPES[dtype]
+    torch_dtype = weight_dtype(dtype)
     tok_gguf = gguf_file if tokenizer is None else None
     tok = load_tokenizer(tokenizer or name, gguf_file=tok_gguf, trust_remote_code=trust_remote_code)
     kwargs = {"trust_remote_code": trust_remote_code}

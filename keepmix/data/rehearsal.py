@@ -28,6 +28,7 @@ from keepmix.data.sources import load_source, read_located_records
 from keepmix.data.tokenize import tokenizer_fingerprint
 from keepmix.errors import KeepmixError
 from keepmix.eval.generate import sample_texts
+from keepmix.model import plain_name
 
 VERSION = 1
 
@@ -55,8 +56,7 @@ def _function_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     updates = [t for name, t in state.items() if "lora_B" in name or "lora_embedding_B" in name]
     if any(t.any() for t in updates):
         return state
-    return {name.replace(".base_layer.", "."): t for name, t in model.get_base_model().state_dict().items()
-            if "lora_" not in name}
+    return {plain_name(name): t for name, t in model.get_base_model().state_dict().items() if "lora_" not in name}
 
 
 def _prompt_texts(cfg: RunConfig, index: int) -> list[str] | None:

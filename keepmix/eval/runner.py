@@ -21,7 +21,7 @@ from keepmix.data.build import cache_root, prepare_sources
 from keepmix.data.rehearsal import generate_sources
 from keepmix.errors import KeepmixError
 from keepmix.eval.lm import validation_metrics
-from keepmix.model import DTYPES, load_configured, load_model, load_trainable_state, quiet_transformers
+from keepmix.model import load_configured, load_model, load_trainable_state, quiet_transformers, weight_dtype
 from keepmix.training.forward import FrozenBase, LossModel
 from keepmix.training.precision import eval_autocast, slow_bf16_notice
 
@@ -47,15 +47,13 @@ def load(cfg: RunConfig, name: str):
         raise KeepmixError(f"--model {name}: this folder holds no model (no config.json, no adapter_config.json); "
                            f"expected a Hugging Face model folder such as a run's final/, a PEFT adapter "
                            f"folder, or a keepmix checkpoint (RUN/checkpoints/step-N)")
-    dtype = torch.float32 if m.dtype == "auto" else DTYPES[m.dtype]
-    attention = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
     if (path / "adapter_config.json").exists():
-        return _load_adapter(cfg, path, dtype, attention)
+        return _load_adapter(cfg, path)
     return load_model(name, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                       attn_implementation=m.attn_implementation)
 
 
-def _load_adapter(cfg: RunConfig, path: Path, dtype: torch.dtype, attention: dict):
+def _load_adapter(cfg: RunConfig, path: Path):
     """A PEFT adapter folder on its base model: the config's own base (built as the run builds it: a
     from-scratch architecture, a GGUF file) when the adapter was trained on it — a run's final/ records
     that base's folder, or none for a scratch model — else the base the adapter names, loaded by PEFT."""
@@ -72,8 +70,10 @@ def _load_adapter(cfg: RunConfig, path: Path, dtype: torch.dtype, attention: dic
     if named in (None, cfg.model.name, cfg.resolve(cfg.model.name)):
         base, tokenizer = load_configured(cfg, lora=False)
         return PeftModel.from_pretrained(base, str(path)), tokenizer
+    m = cfg.model
+    attention = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
     try:
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, **attention)
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=weight_dtype(m.dtype), **attention)
     except (OSError, ValueError) as err:
         ours = repr(cfg.model.name) if cfg.model.name else "model.architecture, from scratch"
         raise KeepmixError(f"--model {path}: could not load the adapter's base model {named!r} "
@@ -111,18 +111,25 @@ def _load_checkpoint(path: Path):
     return model, tokenizer
 
 
+def as_the_run(cfg: RunConfig, device: torch.device, say) -> None:
+    """Set this process up as the config's run set its own: freed memory kept on the CPU, the run's thread
+    count (its summation order, and the key of its base's stored states); `say` the slow-bf16 notice
+    where it applies. For `keepmix eval` and `keepmix merge`."""
+    from keepmix.training.cpu_memory import keep_freed_memory_for_run
+
+    if notice := slow_bf16_notice(cfg.train.precision, device.type == "cuda"):
+        say(notice)
+    keep_freed_memory_for_run(cfg, device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+
+
 def evaluate(config: RunConfig | str | Path, models: list[str], overrides: dict | None = None,
              device: str | None = None, say=print) -> dict[str, dict[str, float]]:
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"))
-    if notice := slow_bf16_notice(cfg.train.precision, device.type == "cuda"):
-        say(f"eval: {notice}")
+    as_the_run(cfg, device, say=lambda text: say(f"eval: {text}"))
     from keepmix.eval.tasks import check_tasks
-    from keepmix.training.cpu_memory import keep_freed_memory_for_run
-
-    keep_freed_memory_for_run(cfg, device)
-    if cfg.train.threads:  # the run's thread count: its summation order, and the key of its base's stored states
-        torch.set_num_threads(cfg.train.threads)
 
     check_tasks(list(cfg.eval.tasks), Path(cfg.base_dir), cfg.sources)
     base, generated = None, {}

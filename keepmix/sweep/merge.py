@@ -22,7 +22,6 @@ import yaml
 
 from keepmix.config import parse_config
 from keepmix.errors import KeepmixError
-from keepmix.training.cpu_memory import keep_freed_memory_for_run
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -36,7 +35,7 @@ def parse_alphas(text: str) -> list[float]:
 
 
 def _run_parts(run_dir: Path):
-    from keepmix.report.metrics import evals, read_metrics
+    from keepmix.report.metrics import read_metrics
 
     saved, final = run_dir / "config.yaml", run_dir / "final"
     if not saved.exists() or not (run_dir / "metrics.jsonl").exists():
@@ -44,27 +43,34 @@ def _run_parts(run_dir: Path):
     if not final.is_dir():
         raise KeepmixError(f"{run_dir}: has no final/ model yet (the run has not completed); merge needs it")
     cfg = parse_config(yaml.safe_load(saved.read_text()), source=str(saved), base_dir=run_dir)
-    base = next((r for r in evals(read_metrics(run_dir / "metrics.jsonl")) if r["step"] == 0), None)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    base = _step0(records)
     if base is None:
         raise KeepmixError(f"{run_dir}/metrics.jsonl has no step-0 (baseline) eval record")
-    return cfg, final, base["metrics"], _baseline_is_the_base(run_dir)
+    return cfg, final, base["metrics"], _baseline_is_the_base(records)
 
 
-def _baseline_is_the_base(run_dir: Path, depth: int = 0) -> bool:
-    """Whether the run's step-0 eval scored its base model (model.name), so α = 0 may reuse it. A warm
-    start (train.init_from) scores its starting checkpoint at step 0 instead, unless its baseline came
-    from a run (eval.baseline_from) whose own step 0 was the base — what a sweep's branches do."""
-    from keepmix.report.metrics import evals, of_kind, read_metrics
+def _step0(records: list[dict]) -> dict | None:
+    from keepmix.report.metrics import evals
 
-    try:
-        records = read_metrics(run_dir / "metrics.jsonl")
-    except (OSError, KeepmixError):
-        return False
-    step0 = next((r for r in evals(records) if r["step"] == 0), None)
+    return next((r for r in evals(records) if r["step"] == 0), None)
+
+
+def _baseline_is_the_base(records: list[dict], depth: int = 0) -> bool:
+    """Whether a run's step-0 eval (in its `records`) scored its base model (model.name), so α = 0 may reuse
+    it. A warm start (train.init_from) scores its starting checkpoint at step 0 instead, unless its baseline
+    came from a run (eval.baseline_from) whose own step 0 was the base — what a sweep's branches do."""
+    from keepmix.report.metrics import of_kind, read_metrics
+
+    step0 = _step0(records)
     if step0 is None:
         return False
     if step0.get("baseline_from"):
-        return depth < 8 and _baseline_is_the_base(Path(step0["baseline_from"]), depth + 1)
+        try:
+            other = read_metrics(Path(step0["baseline_from"]) / "metrics.jsonl")
+        except (OSError, KeepmixError):
+            return False
+        return depth < 8 and _baseline_is_the_base(other, depth + 1)
     start = next(iter(of_kind(records, "start")), None)
     return start is not None and not start.get("init_from")
 
@@ -73,7 +79,7 @@ def merge_run(run_dir: str | Path, alphas: list[float], *, write: float | None =
               device: str | None = None, say=print) -> dict:
     from keepmix.data.build import cache_root
     from keepmix.eval.retention import compute_retention
-    from keepmix.eval.runner import load, load_base, model_metrics
+    from keepmix.eval.runner import as_the_run, load, load_base, model_metrics
     from keepmix.eval.tasks import task_directions, task_tolerances
     from keepmix.model import interpolate, save_final, with_scaled_adapter
     from keepmix.training.forward import FrozenBase
@@ -87,13 +93,7 @@ def merge_run(run_dir: str | Path, alphas: list[float], *, write: float | None =
             "α = 0 is evaluated, and retention stays against that baseline, as in the run's own evals")
         reuse_baseline = False
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"))
-    keep_freed_memory_for_run(cfg, dev)
-    if cfg.train.threads:  # the run's thread count: its summation order, and the key of its base's stored states
-        torch.set_num_threads(cfg.train.threads)
-    from keepmix.training.precision import slow_bf16_notice
-
-    if notice := slow_bf16_notice(cfg.train.precision, dev.type == "cuda"):
-        say(f"merge: {notice}")
+    as_the_run(cfg, dev, say=lambda text: say(f"merge: {text}"))
     base_model, tokenizer = load_base(cfg)
     lora = (final_dir / "adapter_config.json").exists()
     final_model = None if lora else load(cfg, str(final_dir))[0]  # as the run built its model: dtype, attention

@@ -25,6 +25,8 @@ import xxhash
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from keepmix.model import plain_name
+
 
 class BaseHiddenStore:
     def __init__(self, folder: str | Path, trunk: nn.Module, frozen_only: bool = False):
@@ -80,8 +82,7 @@ class BaseHiddenStore:
                     continue
                 # a LoRA model with its adapter off computes its base model's function to the bit: named as
                 # the plain model is (PEFT moves each wrapped weight under `base_layer`), they share files
-                name = name.replace(".base_layer.", ".")
-                digest.update(repr((name, tuple(tensor.shape), str(tensor.dtype))).encode())
+                digest.update(repr((plain_name(name), tuple(tensor.shape), str(tensor.dtype))).encode())
                 digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy())  # no copy on a CPU
             self._weights = digest.hexdigest()
         return self._weights

@@ -114,15 +114,12 @@ class Session:
         if notice := slow_bf16_notice(cfg.train.precision, self.accelerator.device.type == "cuda"):
             self.progress.notice(notice)
         m = cfg.model
-        self.model, self.tokenizer = self._load_model()
+        self.model, self.tokenizer = load_configured(self.cfg)
         if m.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
             self.model.config.use_cache = False
         self.model.train()
         self._tasks = list(cfg.eval.tasks)
-
-    def _load_model(self):
-        return load_configured(self.cfg)
 
     def generated_sources(self) -> dict[str, str]:
         """The files of the self-rehearsal sources, written by the base model (the main process) before
@@ -560,7 +557,7 @@ class Session:
             weights = full_state_dict(model)
             if not self.main:
                 return None
-            model, _ = self._load_model()
+            model, _ = load_configured(self.cfg)
             missing, unexpected = model.load_state_dict(weights, strict=False)
             tied = {k for k in missing if k.endswith(("lm_head.weight", "embed_out.weight"))}
             if unexpected or set(missing) - tied:
